@@ -1,0 +1,465 @@
+//! End-to-end acknowledgements: how a source learns that its records are safe.
+//!
+//! A source that can acknowledge creates one [`Finalizer`] per batch it reads with [`batch`],
+//! attaches a clone to every record, and keeps the [`StatusReceiver`]. Every copy of a record
+//! (fan-out clones it) holds a clone of the finalizer; each sink reports the record's fate with
+//! [`Finalizer::finish`]. When the last clone is gone the receiver resolves with the **worst**
+//! status any holder reported (a holder dropped without reporting counts as `Errored`):
+//!
+//! * [`BatchStatus::Delivered`]: every sink durably wrote it, or it was dropped on purpose
+//!   (a filter discarding a record finishes it as delivered);
+//! * [`BatchStatus::Rejected`]: some sink refused it permanently; it went to a dead-letter output;
+//!   the source acknowledges it (redelivery would be refused again);
+//! * [`BatchStatus::Errored`]: some sink failed transiently; the source must **not** acknowledge,
+//!   so that the message is delivered again (at-least-once).
+//!
+//! ```
+//! use sluice_core::ack::{self, BatchStatus};
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let (finalizer, status) = ack::batch();
+//! let to_sink_a = finalizer.clone();
+//! let to_sink_b = finalizer;
+//! to_sink_a.finish(BatchStatus::Delivered);
+//! to_sink_b.finish(BatchStatus::Delivered);
+//! assert_eq!(status.await, BatchStatus::Delivered);
+//! # });
+//! ```
+//!
+//! Protocols that need acknowledgements in source order (MQTT PUBACKs, Kafka offset commits) put
+//! their pending batches in an [`Ordered`] queue, which releases them only as a contiguous prefix.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use smallvec::SmallVec;
+use tokio::sync::oneshot;
+
+/// The final status of a record (or batch) across every sink it reached. Ordered from best to
+/// worst: combining two statuses keeps the worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum BatchStatus {
+    /// Durably written (or deliberately dropped).
+    Delivered = 0,
+    /// Permanently refused and dead-lettered; acknowledge it.
+    Rejected = 1,
+    /// Transient failure; do not acknowledge, let the source redeliver.
+    Errored = 2,
+}
+
+impl BatchStatus {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => BatchStatus::Delivered,
+            1 => BatchStatus::Rejected,
+            _ => BatchStatus::Errored,
+        }
+    }
+
+    /// Whether the source may acknowledge the message (everything but `Errored`).
+    pub fn is_ackable(self) -> bool {
+        self != BatchStatus::Errored
+    }
+}
+
+struct Shared {
+    status: AtomicU8,
+    tx: Option<oneshot::Sender<BatchStatus>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            // The source may have gone away (shutdown deadline); then nobody needs the answer.
+            let _ = tx.send(BatchStatus::from_u8(*self.status.get_mut()));
+        }
+    }
+}
+
+/// One holder's handle on the fate of a source batch. Cloning makes a new holder (one
+/// reference count); each holder reports once with [`Finalizer::finish`].
+///
+/// A holder dropped **without** a status counts as [`BatchStatus::Errored`]: a record that
+/// vanishes because a component failed, panicked or was aborted at the shutdown deadline is
+/// redelivered, never acknowledged. Records dropped on purpose say so
+/// ([`Record::discard`](crate::record::Record::discard)).
+pub struct Finalizer {
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl Clone for Finalizer {
+    fn clone(&self) -> Self {
+        Finalizer {
+            shared: self.shared.clone(),
+            done: false,
+        }
+    }
+}
+
+impl Drop for Finalizer {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared
+                .status
+                .fetch_max(BatchStatus::Errored as u8, Ordering::AcqRel);
+        }
+    }
+}
+
+impl std::fmt::Debug for Finalizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Finalizer")
+            .field(
+                "status",
+                &BatchStatus::from_u8(self.shared.status.load(Ordering::Relaxed)),
+            )
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl Finalizer {
+    /// Records `status` without releasing the handle (e.g. `Rejected` before the record goes
+    /// to a dead-letter output, where another holder finishes it). The worst status wins.
+    pub fn mark(&self, status: BatchStatus) {
+        self.shared.status.fetch_max(status as u8, Ordering::AcqRel);
+    }
+
+    /// Reports this holder's final `status` and releases it.
+    pub fn finish(mut self, status: BatchStatus) {
+        self.mark(status);
+        self.done = true;
+    }
+}
+
+/// The finalizers a record carries: usually one (its source batch), several when a record
+/// stands for many inputs (an aggregation's output), none when its source does not ack.
+#[derive(Debug, Clone, Default)]
+pub struct Finalizers(SmallVec<[Finalizer; 1]>);
+
+impl Finalizers {
+    pub fn new() -> Self {
+        Finalizers(SmallVec::new())
+    }
+
+    /// Finalizers holding just `f`.
+    pub fn one(f: Finalizer) -> Self {
+        let mut v = SmallVec::new();
+        v.push(f);
+        Finalizers(v)
+    }
+
+    pub fn push(&mut self, f: Finalizer) {
+        self.0.push(f);
+    }
+
+    /// Moves every finalizer of `other` into `self`.
+    pub fn merge(&mut self, other: Finalizers) {
+        self.0.extend(other.0);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// See [`Finalizer::mark`].
+    pub fn mark(&self, status: BatchStatus) {
+        for f in &self.0 {
+            f.mark(status);
+        }
+    }
+
+    /// See [`Finalizer::finish`].
+    pub fn finish(self, status: BatchStatus) {
+        for f in self.0 {
+            f.finish(status);
+        }
+    }
+}
+
+/// Creates the finalizer for a new source batch and the receiver of its final status.
+pub fn batch() -> (Finalizer, StatusReceiver) {
+    let (tx, rx) = oneshot::channel();
+    let shared = Shared {
+        status: AtomicU8::new(BatchStatus::Delivered as u8),
+        tx: Some(tx),
+    };
+    (
+        Finalizer {
+            shared: Arc::new(shared),
+            done: false,
+        },
+        StatusReceiver(rx),
+    )
+}
+
+/// Resolves with the batch's final status once every copy of every record is finalized.
+#[derive(Debug)]
+pub struct StatusReceiver(oneshot::Receiver<BatchStatus>);
+
+impl StatusReceiver {
+    /// The status if it is already final, without waiting.
+    pub fn try_status(&mut self) -> Option<BatchStatus> {
+        match self.0.try_recv() {
+            Ok(s) => Some(s),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(BatchStatus::Errored),
+        }
+    }
+}
+
+impl Future for StatusReceiver {
+    type Output = BatchStatus;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<BatchStatus> {
+        // A closed channel cannot happen (the sender sends on drop); treat it as not delivered.
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(BatchStatus::Errored))
+    }
+}
+
+/// Releases completions in the order items were registered.
+///
+/// MQTT requires PUBACKs in the order the PUBLISHes arrived; Kafka may only commit the offset
+/// below which *every* record is delivered. Both push one entry per pending batch, complete
+/// entries in any order, and take from [`Ordered::pop_ready`] only the contiguous finished prefix.
+///
+/// ```
+/// use sluice_core::ack::{Ordered, BatchStatus};
+/// let mut q = Ordered::new();
+/// let a = q.push("offsets 0..10");
+/// let b = q.push("offsets 10..20");
+/// q.complete(b, BatchStatus::Delivered);
+/// assert!(q.pop_ready().is_none()); // `a` still pending: nothing may be committed
+/// q.complete(a, BatchStatus::Delivered);
+/// assert_eq!(q.pop_ready(), Some(("offsets 0..10", BatchStatus::Delivered)));
+/// assert_eq!(q.pop_ready(), Some(("offsets 10..20", BatchStatus::Delivered)));
+/// ```
+#[derive(Debug)]
+pub struct Ordered<T> {
+    first_seq: u64,
+    entries: VecDeque<(T, Option<BatchStatus>)>,
+}
+
+impl<T> Default for Ordered<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> Ordered<T> {
+    pub fn new() -> Self {
+        Ordered {
+            first_seq: 0,
+            entries: VecDeque::new(),
+        }
+    }
+
+    /// Registers a pending item; returns its sequence number for [`Ordered::complete`].
+    pub fn push(&mut self, item: T) -> u64 {
+        self.entries.push_back((item, None));
+        self.first_seq + self.entries.len() as u64 - 1
+    }
+
+    /// Marks item `seq` finished with `status`. Unknown or already released sequences are
+    /// ignored.
+    pub fn complete(&mut self, seq: u64, status: BatchStatus) {
+        if let Some(idx) = seq.checked_sub(self.first_seq) {
+            if let Some(slot) = self.entries.get_mut(idx as usize) {
+                slot.1 = Some(status);
+            }
+        }
+    }
+
+    /// Takes the oldest item if it is finished.
+    pub fn pop_ready(&mut self) -> Option<(T, BatchStatus)> {
+        match self.entries.front() {
+            Some((_, Some(_))) => {
+                let (item, status) = self.entries.pop_front()?;
+                self.first_seq += 1;
+                status.map(|s| (item, s))
+            }
+            _ => None,
+        }
+    }
+
+    /// Number of items registered and not yet released.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The commit watermark of one ordered stream of offsets (a Kafka partition).
+///
+/// Ranges of offsets are registered in read order; [`Watermark::complete`] may arrive in any
+/// order. [`Watermark::committable`] is the next offset to commit: every offset below it was
+/// delivered (or rejected and dead-lettered). An `Errored` range blocks the watermark: nothing at
+/// or past it is committed, so a restart reads it again.
+#[derive(Debug)]
+pub struct Watermark {
+    queue: Ordered<i64>,
+    committable: i64,
+    blocked: bool,
+}
+
+impl Watermark {
+    /// A watermark starting at `start` (the first offset that will be read).
+    pub fn new(start: i64) -> Self {
+        Watermark {
+            queue: Ordered::new(),
+            committable: start,
+            blocked: false,
+        }
+    }
+
+    /// Registers the range of offsets ending at `end` (exclusive), in read order.
+    pub fn push(&mut self, end: i64) -> u64 {
+        self.queue.push(end)
+    }
+
+    /// Reports the final status of range `seq`; returns the new committable offset if it moved.
+    pub fn complete(&mut self, seq: u64, status: BatchStatus) -> Option<i64> {
+        self.queue.complete(seq, status);
+        let before = self.committable;
+        while !self.blocked {
+            match self.queue.pop_ready() {
+                Some((end, s)) if s.is_ackable() => self.committable = end,
+                Some(_) => self.blocked = true,
+                None => break,
+            }
+        }
+        (self.committable != before).then_some(self.committable)
+    }
+
+    /// The offset to commit: all below it are done.
+    pub fn committable(&self) -> i64 {
+        self.committable
+    }
+
+    /// Whether an errored range stopped the watermark (the stream must be re-read from here).
+    pub fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// Ranges still pending.
+    pub fn pending(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fan_out_acks_once_after_both_sinks() {
+        let (f, mut rx) = batch();
+        let sink_a = f.clone();
+        let sink_b = f;
+        sink_a.finish(BatchStatus::Delivered);
+        assert_eq!(rx.try_status(), None, "must wait for the second sink");
+        sink_b.finish(BatchStatus::Delivered);
+        assert_eq!(rx.await, BatchStatus::Delivered);
+    }
+
+    #[tokio::test]
+    async fn one_sink_erroring_blocks_the_ack() {
+        let (f, rx) = batch();
+        let sink_a = f.clone();
+        f.finish(BatchStatus::Errored);
+        sink_a.finish(BatchStatus::Delivered);
+        let status = rx.await;
+        assert_eq!(status, BatchStatus::Errored);
+        assert!(!status.is_ackable());
+    }
+
+    #[tokio::test]
+    async fn rejected_is_final_and_ackable() {
+        let (f, rx) = batch();
+        f.mark(BatchStatus::Rejected);
+        f.finish(BatchStatus::Delivered); // a later, better status does not hide the rejection
+        let status = rx.await;
+        assert_eq!(status, BatchStatus::Rejected);
+        assert!(status.is_ackable());
+    }
+
+    #[tokio::test]
+    async fn deliberately_dropped_record_acks() {
+        let (f, rx) = batch();
+        let mut r = crate::record::Record::new(0);
+        r.finalizers = Finalizers::one(f);
+        r.discard(); // a filter dropped it on purpose
+        assert_eq!(rx.await, BatchStatus::Delivered);
+    }
+
+    #[tokio::test]
+    async fn record_lost_by_a_failing_component_is_not_acked() {
+        let (f, rx) = batch();
+        let keep = f.clone();
+        drop(f); // a sink task died holding it
+        keep.finish(BatchStatus::Delivered);
+        assert_eq!(rx.await, BatchStatus::Errored);
+    }
+
+    #[tokio::test]
+    async fn aggregate_output_carries_many_finalizers() {
+        let (fa, ra) = batch();
+        let (fb, rb) = batch();
+        let mut set = Finalizers::one(fa);
+        set.merge(Finalizers::one(fb));
+        assert_eq!(set.len(), 2);
+        set.finish(BatchStatus::Delivered);
+        assert_eq!(ra.await, BatchStatus::Delivered);
+        assert_eq!(rb.await, BatchStatus::Delivered);
+    }
+
+    #[test]
+    fn watermark_only_moves_over_contiguous_prefix() {
+        let mut w = Watermark::new(100);
+        let a = w.push(110);
+        let b = w.push(120);
+        let c = w.push(130);
+        assert_eq!(w.complete(c, BatchStatus::Delivered), None);
+        assert_eq!(w.committable(), 100, "never past an undelivered record");
+        assert_eq!(w.complete(a, BatchStatus::Delivered), Some(110));
+        assert_eq!(w.complete(b, BatchStatus::Rejected), Some(130));
+        assert_eq!(w.pending(), 0);
+    }
+
+    #[test]
+    fn watermark_blocks_at_errored_range() {
+        let mut w = Watermark::new(0);
+        let a = w.push(10);
+        let b = w.push(20);
+        let c = w.push(30);
+        w.complete(c, BatchStatus::Delivered);
+        w.complete(b, BatchStatus::Errored);
+        assert_eq!(w.complete(a, BatchStatus::Delivered), Some(10));
+        assert!(w.is_blocked());
+        assert_eq!(w.committable(), 10, "offset 10.. must be read again");
+    }
+
+    #[test]
+    fn ordered_ignores_unknown_sequences() {
+        let mut q: Ordered<u8> = Ordered::new();
+        q.complete(7, BatchStatus::Delivered);
+        let s = q.push(1);
+        q.complete(s, BatchStatus::Delivered);
+        assert_eq!(q.pop_ready(), Some((1, BatchStatus::Delivered)));
+        q.complete(s, BatchStatus::Errored); // already released
+        assert!(q.is_empty());
+    }
+}

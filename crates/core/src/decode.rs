@@ -1,0 +1,407 @@
+//! Payload decoding shared by every source (`decode = { codec = "json", … }`).
+//!
+//! Codecs:
+//! * `json` (default): a JSON object per payload. Its `time_key` (default `ts`) is the event
+//!   time; keys listed in `tags` become tags; every other scalar becomes a typed field (nested
+//!   objects are flattened with `.`: `{"gps":{"lat":1}}` → `gps.lat`). When `fields` is set,
+//!   only those keys become fields.
+//! * `record`: sluice's own record JSON (what the `file` sink writes), see [`crate::json`].
+//! * `raw`: no parsing; the payload is kept on the record and the receive time is the event time.
+//!
+//! With `topic_pattern = "devices/{device_id}/data"` the captures of the message's topic
+//! become tags. Payloads that cannot be decoded, are larger than `max_payload`, or whose topic
+//! does not match the pattern produce a [`DecodeError`]; sources send those records (with the
+//! payload and the error text) to their `dead_letter` output.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::config::ByteSize;
+use crate::json::{self, json_scalar};
+use crate::record::{intern, Meta, Name, Record, Value};
+use crate::topic::TopicPattern;
+
+/// Payload format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Codec {
+    /// A JSON object mapped to tags and fields.
+    #[default]
+    Json,
+    /// Sluice's record JSON shape (as written by the `file` sink).
+    Record,
+    /// Keep the payload as is.
+    Raw,
+}
+
+/// Unit of numeric event times.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeUnit {
+    S,
+    #[default]
+    Ms,
+    Us,
+    Ns,
+}
+
+impl TimeUnit {
+    fn to_ns(self, v: f64) -> Option<i64> {
+        let ns = match self {
+            TimeUnit::S => v * 1e9,
+            TimeUnit::Ms => v * 1e6,
+            TimeUnit::Us => v * 1e3,
+            TimeUnit::Ns => v,
+        };
+        (ns.is_finite() && ns.abs() < 9.2e18).then_some(ns as i64)
+    }
+}
+
+/// How a source turns payloads into records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeConfig {
+    /// Payload format: `json` (default), `record` or `raw`.
+    #[serde(default)]
+    pub codec: Codec,
+    /// JSON key holding the event time (number in `time_unit`, or an RFC 3339 string). When
+    /// absent from a payload, the receive time is used. Default "ts".
+    #[serde(default = "default_time_key")]
+    pub time_key: String,
+    /// Unit of numeric times: `s`, `ms` (default), `us`, `ns`.
+    #[serde(default)]
+    pub time_unit: TimeUnit,
+    /// JSON keys whose values become tags instead of fields. Default [].
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// When set, only these JSON keys become fields (others are ignored). Default: all.
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
+    /// Topic pattern whose `{name}` segments become tags, e.g. "devices/{device_id}/data".
+    /// A message whose topic does not match goes to `dead_letter`. Default: none.
+    #[serde(default)]
+    pub topic_pattern: Option<String>,
+    /// Keep the raw payload on decoded records (always kept for `raw` and dead letters).
+    /// Default false.
+    #[serde(default)]
+    pub keep_payload: bool,
+    /// Larger payloads go to `dead_letter` without being parsed. Default "1MiB".
+    #[serde(default = "default_max_payload")]
+    pub max_payload: ByteSize,
+}
+
+fn default_time_key() -> String {
+    "ts".into()
+}
+fn default_max_payload() -> ByteSize {
+    ByteSize(1024 * 1024)
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        DecodeConfig {
+            codec: Codec::Json,
+            time_key: default_time_key(),
+            time_unit: TimeUnit::Ms,
+            tags: Vec::new(),
+            fields: None,
+            topic_pattern: None,
+            keep_payload: false,
+            max_payload: default_max_payload(),
+        }
+    }
+}
+
+/// Why a payload could not become a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+/// A compiled [`DecodeConfig`]. Keeps a small cache of names so the hot path does not touch
+/// the global interner.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    config: DecodeConfig,
+    topic: Option<TopicPattern>,
+    names: HashMap<Box<str>, Name>,
+}
+
+impl Decoder {
+    /// Compiles `config`; the error names the bad option.
+    pub fn new(config: DecodeConfig) -> Result<Self, String> {
+        let topic = match &config.topic_pattern {
+            Some(p) => {
+                Some(TopicPattern::new(p).map_err(|e| format!("decode.topic_pattern: {e}"))?)
+            }
+            None => None,
+        };
+        Ok(Decoder {
+            config,
+            topic,
+            names: HashMap::new(),
+        })
+    }
+
+    /// The topic pattern, if configured.
+    pub fn topic_pattern(&self) -> Option<&TopicPattern> {
+        self.topic.as_ref()
+    }
+
+    fn name(&mut self, key: &str) -> Name {
+        if let Some(n) = self.names.get(key) {
+            return n.clone();
+        }
+        let n = intern(key);
+        if self.names.len() < 4096 {
+            self.names.insert(key.into(), n.clone());
+        }
+        n
+    }
+
+    /// Decodes one payload. `received` (ns since epoch) is the event time when the payload
+    /// has none. On error the record to dead-letter is built with [`Decoder::dead_letter`].
+    pub fn decode(
+        &mut self,
+        payload: Bytes,
+        topic: Option<&str>,
+        received: i64,
+        meta: Meta,
+    ) -> Result<Record, DecodeError> {
+        if payload.len() as u64 > self.config.max_payload.0 {
+            return Err(DecodeError(format!(
+                "payload of {} bytes exceeds max_payload ({})",
+                payload.len(),
+                self.config.max_payload
+            )));
+        }
+        let mut record = match self.config.codec {
+            Codec::Raw => {
+                let mut r = Record::new(received);
+                r.payload = Some(payload.clone());
+                r
+            }
+            Codec::Record => {
+                let mut r = json::from_json(&payload).map_err(DecodeError)?;
+                if self.config.keep_payload {
+                    r.payload = Some(payload.clone());
+                }
+                r
+            }
+            Codec::Json => {
+                let mut r = self.decode_json(&payload, received)?;
+                if self.config.keep_payload {
+                    r.payload = Some(payload.clone());
+                }
+                r
+            }
+        };
+        if let (Some(pattern), Some(topic)) = (&self.topic, topic) {
+            let mut tags = Vec::new();
+            if !pattern.captures(topic, |n, v| tags.push((n.clone(), Arc::<str>::from(v)))) {
+                return Err(DecodeError(format!(
+                    "topic {topic:?} does not match topic_pattern {:?}",
+                    pattern.as_str()
+                )));
+            }
+            for (n, v) in tags {
+                match record.tags.iter_mut().find(|(k, _)| *k == n) {
+                    Some(slot) => slot.1 = v,
+                    None => record.tags.push((n, v)),
+                }
+            }
+        }
+        if record.meta.source.is_none() {
+            record.meta.source = meta.source;
+        }
+        if record.meta.origin == Default::default() {
+            record.meta.origin = meta.origin;
+        }
+        Ok(record)
+    }
+
+    /// The dead-letter record for a payload that failed with `error`: receive time, the raw
+    /// payload and the error text.
+    pub fn dead_letter(payload: Bytes, received: i64, meta: Meta, error: &DecodeError) -> Record {
+        let mut r = Record::new(received);
+        r.payload = Some(payload);
+        r.meta = meta;
+        r.meta.error = Some(Arc::from(error.0.as_str()));
+        r
+    }
+
+    fn decode_json(&mut self, payload: &[u8], received: i64) -> Result<Record, DecodeError> {
+        let value: Json = serde_json::from_slice(payload)
+            .map_err(|e| DecodeError(format!("invalid JSON: {e}")))?;
+        let Json::Object(map) = value else {
+            return Err(DecodeError(format!(
+                "expected a JSON object, found {}",
+                json_kind(&value)
+            )));
+        };
+        let mut record = Record::new(received);
+        record.fields.reserve(map.len());
+        for (key, v) in &map {
+            if *key == self.config.time_key {
+                record.time = self.time(v)?;
+            } else if self.config.tags.iter().any(|t| t == key) {
+                let s: Arc<str> = match v {
+                    Json::String(s) => Arc::from(s.as_str()),
+                    Json::Null => continue,
+                    Json::Object(_) | Json::Array(_) => {
+                        return Err(DecodeError(format!("tag `{key}` must be a scalar")))
+                    }
+                    other => Arc::from(other.to_string().as_str()),
+                };
+                let n = self.name(key);
+                record.tags.push((n, s));
+            } else {
+                self.add_field(&mut record, key, v);
+            }
+        }
+        Ok(record)
+    }
+
+    fn add_field(&mut self, record: &mut Record, key: &str, v: &Json) {
+        match v {
+            Json::Object(inner) => {
+                for (k, v) in inner {
+                    self.add_field(record, &format!("{key}.{k}"), v);
+                }
+            }
+            _ => {
+                if let Some(only) = &self.config.fields {
+                    if !only.iter().any(|f| f == key) {
+                        return;
+                    }
+                }
+                let value =
+                    json_scalar(v).unwrap_or_else(|| Value::Str(Arc::from(v.to_string().as_str())));
+                let n = self.name(key);
+                record.fields.push((n, value));
+            }
+        }
+    }
+
+    fn time(&self, v: &Json) -> Result<i64, DecodeError> {
+        let key = &self.config.time_key;
+        match v {
+            Json::Number(n) => {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                match (self.config.time_unit, n.as_i64()) {
+                    // Exact integer arithmetic for integer times (f64 would round ns).
+                    (TimeUnit::Ns, Some(i)) => Some(i),
+                    (TimeUnit::Us, Some(i)) => i.checked_mul(1_000),
+                    (TimeUnit::Ms, Some(i)) => i.checked_mul(1_000_000),
+                    (TimeUnit::S, Some(i)) => i.checked_mul(1_000_000_000),
+                    (unit, None) => unit.to_ns(f),
+                }
+                .map_or_else(
+                    || Err(DecodeError(format!("time `{key}` = {n} is out of range"))),
+                    Ok,
+                )
+            }
+            Json::String(s) => {
+                json::parse_time(s).map_err(|e| DecodeError(format!("time `{key}`: {e}")))
+            }
+            other => Err(DecodeError(format!(
+                "time `{key}` must be a number or an RFC 3339 string, found {}",
+                json_kind(other)
+            ))),
+        }
+    }
+}
+
+fn json_kind(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoder(f: impl FnOnce(&mut DecodeConfig)) -> Decoder {
+        let mut c = DecodeConfig::default();
+        f(&mut c);
+        Decoder::new(c).expect("valid")
+    }
+
+    #[test]
+    fn json_with_time_tags_fields_and_topic() {
+        let mut d = decoder(|c| {
+            c.tags = vec!["device_status".into()];
+            c.topic_pattern = Some("devices/{device_id}/data".into());
+        });
+        let payload = Bytes::from_static(
+            br#"{"ts":1764000000123,"temp":21.5,"humidity":40,"device_status":"online","gps":{"lat":1.5}}"#,
+        );
+        let r = d
+            .decode(payload, Some("devices/d1/data"), 0, Meta::default())
+            .expect("decodes");
+        assert_eq!(r.time, 1_764_000_000_123_000_000);
+        assert_eq!(r.tag("device_status"), Some("online"));
+        assert_eq!(r.tag("device_id"), Some("d1"));
+        assert_eq!(r.field("temp"), Some(&Value::F64(21.5)));
+        assert_eq!(r.field("humidity"), Some(&Value::I64(40)));
+        assert_eq!(r.field("gps.lat"), Some(&Value::F64(1.5)));
+        assert!(r.payload.is_none());
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        let mut d = decoder(|c| c.topic_pattern = Some("devices/{id}/data".into()));
+        let err = |d: &mut Decoder, p: &'static [u8], t: &str| {
+            d.decode(Bytes::from_static(p), Some(t), 0, Meta::default())
+                .expect_err("fails")
+                .0
+        };
+        assert!(err(&mut d, b"{\"temp\":", "devices/a/data").starts_with("invalid JSON"));
+        assert_eq!(
+            err(&mut d, b"[1]", "devices/a/data"),
+            "expected a JSON object, found an array"
+        );
+        assert!(err(&mut d, b"{}", "other/a").contains("does not match topic_pattern"));
+        assert!(err(&mut d, b"{\"ts\":true}", "devices/a/data").contains("must be a number"));
+        let mut small = decoder(|c| c.max_payload = ByteSize(4));
+        assert!(err(&mut small, b"{\"a\":1}", "x").contains("exceeds max_payload"));
+    }
+
+    #[test]
+    fn field_selection_and_time_strings() {
+        let mut d = decoder(|c| {
+            c.fields = Some(vec!["temp".into()]);
+            c.time_key = "time".into();
+        });
+        let r = d
+            .decode(
+                Bytes::from_static(br#"{"time":"2026-01-01T00:00:00Z","temp":1,"other":2}"#),
+                None,
+                0,
+                Meta::default(),
+            )
+            .expect("decodes");
+        assert_eq!(r.time, 1_767_225_600_000_000_000);
+        assert_eq!(r.fields.len(), 1);
+    }
+
+    #[test]
+    fn raw_keeps_payload_and_receive_time() {
+        let mut d = decoder(|c| c.codec = Codec::Raw);
+        let r = d
+            .decode(Bytes::from_static(b"\x00\x01"), None, 42, Meta::default())
+            .expect("raw");
+        assert_eq!(r.time, 42);
+        assert_eq!(r.payload.as_deref(), Some(&b"\x00\x01"[..]));
+    }
+}

@@ -1,0 +1,341 @@
+//! Per-component metrics: plain atomic counters, rendered as Prometheus text and as the
+//! compact rate line the CLI prints while a pipeline runs.
+//!
+//! Every component gets a [`ComponentMetrics`] with the standard counters (records in/out,
+//! bytes, errors, dropped, dead-lettered, buffer fill, write latency). Connectors add their own
+//! with [`ComponentMetrics::gauge`] / [`ComponentMetrics::counter`] (MQTT `connected`, Kafka
+//! `lag`, …).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What kind of component a metrics set belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Source,
+    Transform,
+    Sink,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Source => "source",
+            Kind::Transform => "transform",
+            Kind::Sink => "sink",
+        }
+    }
+}
+
+/// Counters of one component. All updates are relaxed atomics: cheap on the hot path.
+#[derive(Debug)]
+pub struct ComponentMetrics {
+    pub name: String,
+    pub kind: Kind,
+    /// Records received from upstream (or read, for a source).
+    pub records_in: AtomicU64,
+    /// Records sent downstream (or written, for a sink).
+    pub records_out: AtomicU64,
+    /// Payload bytes received (sources) or written (sinks), as the component measures them.
+    pub bytes: AtomicU64,
+    /// Errors (decode failures, failed writes, …).
+    pub errors: AtomicU64,
+    /// Records dropped on purpose (buffer `drop_newest`, filters do not count here).
+    pub dropped: AtomicU64,
+    /// Records sent to a `dead_letter` output.
+    pub dead_lettered: AtomicU64,
+    /// Batches waiting in this component's input buffer.
+    pub buffered: AtomicUsize,
+    /// Capacity of the input buffer, in batches (0 for sources).
+    pub buffer_capacity: AtomicUsize,
+    latency_ns_sum: AtomicU64,
+    latency_count: AtomicU64,
+    extra: Mutex<BTreeMap<&'static str, Arc<AtomicI64>>>,
+}
+
+impl ComponentMetrics {
+    pub fn new(name: &str, kind: Kind) -> Self {
+        ComponentMetrics {
+            name: name.to_string(),
+            kind,
+            records_in: AtomicU64::new(0),
+            records_out: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            buffered: AtomicUsize::new(0),
+            buffer_capacity: AtomicUsize::new(0),
+            latency_ns_sum: AtomicU64::new(0),
+            latency_count: AtomicU64::new(0),
+            extra: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn add_in(&self, n: usize) {
+        self.records_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    pub fn add_out(&self, n: usize) {
+        self.records_out.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    pub fn add_bytes(&self, n: usize) {
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    pub fn add_errors(&self, n: usize) {
+        self.errors.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    pub fn add_dropped(&self, n: usize) {
+        self.dropped.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    pub fn add_dead_lettered(&self, n: usize) {
+        self.dead_lettered.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Records the duration of one write (sinks) or one processing step.
+    pub fn observe_latency(&self, d: Duration) {
+        self.latency_ns_sum
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A named component-specific gauge (created on first use), e.g. `connected`, `inflight`.
+    pub fn gauge(&self, name: &'static str) -> Arc<AtomicI64> {
+        let mut extra = self.extra.lock().unwrap_or_else(|p| p.into_inner());
+        extra.entry(name).or_default().clone()
+    }
+
+    /// A named component-specific counter; same storage as [`gauge`](Self::gauge), only
+    /// incremented. Rendered with a `_total` suffix when its name ends with `_total`.
+    pub fn counter(&self, name: &'static str) -> Arc<AtomicI64> {
+        self.gauge(name)
+    }
+
+    /// A point-in-time copy of the counters.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            records_in: self.records_in.load(Ordering::Relaxed),
+            records_out: self.records_out.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            buffered: self.buffered.load(Ordering::Relaxed),
+            buffer_capacity: self.buffer_capacity.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Counter values at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub records_in: u64,
+    pub records_out: u64,
+    pub errors: u64,
+    pub dropped: u64,
+    pub dead_lettered: u64,
+    pub buffered: usize,
+    pub buffer_capacity: usize,
+}
+
+/// All components' metrics of one running pipeline.
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    components: Arc<Mutex<Vec<Arc<ComponentMetrics>>>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers (or returns the existing) metrics of component `name`.
+    pub fn component(&self, name: &str, kind: Kind) -> Arc<ComponentMetrics> {
+        let mut all = self.components.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = all.iter().find(|m| m.name == name) {
+            return m.clone();
+        }
+        let m = Arc::new(ComponentMetrics::new(name, kind));
+        all.push(m.clone());
+        m
+    }
+
+    /// Every registered component, in registration order.
+    pub fn all(&self) -> Vec<Arc<ComponentMetrics>> {
+        self.components
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render_prometheus(&self) -> String {
+        let comps = self.all();
+        let mut out = String::new();
+        let std_counters: [(&str, &str, fn(&ComponentMetrics) -> u64); 6] = [
+            (
+                "records_in_total",
+                "Records received by the component.",
+                |m| m.records_in.load(Ordering::Relaxed),
+            ),
+            (
+                "records_out_total",
+                "Records emitted or written by the component.",
+                |m| m.records_out.load(Ordering::Relaxed),
+            ),
+            (
+                "bytes_total",
+                "Payload bytes read (sources) or written (sinks).",
+                |m| m.bytes.load(Ordering::Relaxed),
+            ),
+            ("errors_total", "Errors seen by the component.", |m| {
+                m.errors.load(Ordering::Relaxed)
+            }),
+            (
+                "dropped_total",
+                "Records dropped by a full drop_newest buffer.",
+                |m| m.dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "dead_lettered_total",
+                "Records sent to a dead_letter output.",
+                |m| m.dead_lettered.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, get) in std_counters {
+            let _ = writeln!(out, "# HELP sluice_component_{name} {help}");
+            let _ = writeln!(out, "# TYPE sluice_component_{name} counter");
+            for m in &comps {
+                let _ = writeln!(
+                    out,
+                    "sluice_component_{name}{{component=\"{}\",kind=\"{}\"}} {}",
+                    m.name,
+                    m.kind.as_str(),
+                    get(m)
+                );
+            }
+        }
+        let _ = writeln!(out, "# TYPE sluice_component_buffer_batches gauge");
+        for m in &comps {
+            let _ = writeln!(
+                out,
+                "sluice_component_buffer_batches{{component=\"{}\",kind=\"{}\"}} {}",
+                m.name,
+                m.kind.as_str(),
+                m.buffered.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# TYPE sluice_component_latency_seconds summary");
+        for m in &comps {
+            let labels = format!("component=\"{}\",kind=\"{}\"", m.name, m.kind.as_str());
+            let sum = m.latency_ns_sum.load(Ordering::Relaxed) as f64 / 1e9;
+            let count = m.latency_count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "sluice_component_latency_seconds_sum{{{labels}}} {sum}"
+            );
+            let _ = writeln!(
+                out,
+                "sluice_component_latency_seconds_count{{{labels}}} {count}"
+            );
+        }
+        for m in &comps {
+            let extra = m.extra.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, v) in extra.iter() {
+                let _ = writeln!(
+                    out,
+                    "sluice_{}_{name}{{component=\"{}\"}} {}",
+                    m.kind.as_str(),
+                    m.name,
+                    v.load(Ordering::Relaxed)
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Formats the compact progress line from two snapshots taken `elapsed` apart.
+///
+/// Example: `sim out 10.0k/s | console in 10.0k/s buf 1/16 | dlq in 3/s err 3`.
+pub fn rate_line(
+    comps: &[Arc<ComponentMetrics>],
+    previous: &[Snapshot],
+    elapsed: Duration,
+) -> String {
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let mut parts = Vec::with_capacity(comps.len());
+    for (i, m) in comps.iter().enumerate() {
+        let now = m.snapshot();
+        let before = previous.get(i).copied().unwrap_or_default();
+        let rin = (now.records_in - before.records_in) as f64 / secs;
+        let rout = (now.records_out - before.records_out) as f64 / secs;
+        let mut s = m.name.clone();
+        match m.kind {
+            Kind::Source => {
+                let _ = write!(s, " out {}/s", human_rate(rout));
+            }
+            Kind::Transform => {
+                let _ = write!(s, " in {}/s out {}/s", human_rate(rin), human_rate(rout));
+            }
+            Kind::Sink => {
+                let _ = write!(s, " in {}/s", human_rate(rin));
+            }
+        }
+        if now.buffer_capacity > 0 {
+            let _ = write!(s, " buf {}/{}", now.buffered, now.buffer_capacity);
+        }
+        if now.errors > 0 {
+            let _ = write!(s, " err {}", now.errors);
+        }
+        if now.dead_lettered > 0 {
+            let _ = write!(s, " dlq {}", now.dead_lettered);
+        }
+        if now.dropped > 0 {
+            let _ = write!(s, " dropped {}", now.dropped);
+        }
+        parts.push(s);
+    }
+    parts.join(" | ")
+}
+
+fn human_rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2}M", r / 1e6)
+    } else if r >= 1e3 {
+        format!("{:.1}k", r / 1e3)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_components() {
+        let metrics = Metrics::new();
+        let m = metrics.component("mqtt_in", Kind::Source);
+        m.add_out(42);
+        m.gauge("connected").store(1, Ordering::Relaxed);
+        let text = metrics.render_prometheus();
+        assert!(text.contains(
+            "sluice_component_records_out_total{component=\"mqtt_in\",kind=\"source\"} 42"
+        ));
+        assert!(text.contains("sluice_source_connected{component=\"mqtt_in\"} 1"));
+    }
+
+    #[test]
+    fn rate_line_shows_rates_and_problems() {
+        let metrics = Metrics::new();
+        let sink = metrics.component("out", Kind::Sink);
+        sink.buffer_capacity.store(16, Ordering::Relaxed);
+        let before = vec![sink.snapshot()];
+        sink.add_in(20_000);
+        sink.add_errors(2);
+        let line = rate_line(&metrics.all(), &before, Duration::from_secs(2));
+        assert_eq!(line, "out in 10.0k/s buf 0/16 err 2");
+    }
+}
