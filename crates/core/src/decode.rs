@@ -316,6 +316,71 @@ impl Decoder {
     }
 }
 
+/// Records decoded from a run of payloads, split into good ones and dead letters, ready to
+/// send as (at most) two batches.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub records: Vec<Record>,
+    pub dead: Vec<Record>,
+}
+
+impl Decoded {
+    pub fn with_capacity(n: usize) -> Self {
+        Decoded {
+            records: Vec::with_capacity(n),
+            dead: Vec::new(),
+        }
+    }
+
+    /// Decodes one payload into `records`, or into `dead` with the error attached.
+    pub fn push(
+        &mut self,
+        decoder: &mut Decoder,
+        payload: Bytes,
+        topic: Option<&str>,
+        received: i64,
+        meta: Meta,
+    ) {
+        match decoder.decode(payload.clone(), topic, received, meta.clone()) {
+            Ok(r) => self.records.push(r),
+            Err(e) => self
+                .dead
+                .push(Decoder::dead_letter(payload, received, meta, &e)),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len() + self.dead.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.dead.is_empty()
+    }
+
+    /// Gives every record (good and dead) a clone of `finalizer`.
+    pub fn attach(&mut self, finalizer: &crate::ack::Finalizer) {
+        for r in self.records.iter_mut().chain(self.dead.iter_mut()) {
+            r.finalizers.push(finalizer.clone());
+        }
+    }
+
+    /// Sends the good records to the default output and the rest to `dead_letter`, counting
+    /// records in and decode errors.
+    pub async fn send(self, out: &crate::channel::Outputs) -> Result<(), crate::channel::Closed> {
+        let m = out.metrics();
+        m.add_in(self.len());
+        if !self.dead.is_empty() {
+            m.add_errors(self.dead.len());
+            out.send_to(
+                crate::channel::DEAD_LETTER,
+                crate::record::Batch::new(self.dead),
+            )
+            .await?;
+        }
+        out.send(crate::record::Batch::new(self.records)).await
+    }
+}
+
 fn json_kind(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",

@@ -139,6 +139,8 @@ pub struct Snapshot {
     pub buffer_capacity: usize,
 }
 
+type Getter = fn(&ComponentMetrics) -> u64;
+
 /// All components' metrics of one running pipeline.
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
@@ -173,7 +175,7 @@ impl Metrics {
     pub fn render_prometheus(&self) -> String {
         let comps = self.all();
         let mut out = String::new();
-        let std_counters: [(&str, &str, fn(&ComponentMetrics) -> u64); 6] = [
+        let std_counters: [(&str, &str, Getter); 6] = [
             (
                 "records_in_total",
                 "Records received by the component.",
@@ -300,6 +302,32 @@ pub fn rate_line(
     parts.join(" | ")
 }
 
+/// Formats the totals since start: `sim out 30 err 1 dlq 1 | out in 29`.
+pub fn totals_line(comps: &[Arc<ComponentMetrics>]) -> String {
+    comps
+        .iter()
+        .map(|m| {
+            let s = m.snapshot();
+            let mut line = match m.kind {
+                Kind::Source => format!("{} out {}", m.name, s.records_out),
+                Kind::Transform => format!("{} in {} out {}", m.name, s.records_in, s.records_out),
+                Kind::Sink => format!("{} in {} written {}", m.name, s.records_in, s.records_out),
+            };
+            for (label, v) in [
+                ("err", s.errors),
+                ("dlq", s.dead_lettered),
+                ("dropped", s.dropped),
+            ] {
+                if v > 0 {
+                    let _ = write!(line, " {label} {v}");
+                }
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 fn human_rate(r: f64) -> String {
     if r >= 1e6 {
         format!("{:.2}M", r / 1e6)
@@ -307,6 +335,39 @@ fn human_rate(r: f64) -> String {
         format!("{:.1}k", r / 1e3)
     } else {
         format!("{r:.0}")
+    }
+}
+
+/// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until the task is
+/// dropped. A deliberately small HTTP/1.1 responder: two read-only endpoints do not justify an
+/// HTTP framework in the core crate.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", metrics.render_prometheus()),
+                "/health" => ("200 OK", "ok\n".to_string()),
+                _ => ("404 Not Found", "try /metrics or /health\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
     }
 }
 

@@ -317,7 +317,7 @@ fn type_of(prop: &serde_json::Value, root: &serde_json::Value) -> String {
 
 fn toml_literal(v: &serde_json::Value) -> String {
     match v {
-        serde_json::Value::Null => "(none)".into(),
+        serde_json::Value::Null => "none".into(),
         serde_json::Value::Object(map) => {
             let inner: Vec<String> = map
                 .iter()

@@ -81,7 +81,7 @@ pub fn plan(config: PipelineConfig, registry: &Registry) -> Result<Plan, Vec<Con
                     inputs: Vec::new(),
                 });
             }
-            Some(Err(e)) => errors.push(option_error(decl, &e)),
+            Some(Err(e)) => errors.push(option_error(decl, &e, registry)),
             None => {}
         }
     }
@@ -213,7 +213,7 @@ fn find_cycle(nodes: &[Node]) -> Option<Vec<usize>> {
 }
 
 /// Turns a serde error on a component's options into a located, actionable message.
-fn option_error(decl: &ComponentDecl, e: &toml::de::Error) -> ConfigError {
+fn option_error(decl: &ComponentDecl, e: &toml::de::Error, registry: &Registry) -> ConfigError {
     let msg = e.message().trim().to_string();
     let quoted: Vec<&str> = msg.split('`').skip(1).step_by(2).collect();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
@@ -237,11 +237,27 @@ fn option_error(decl: &ComponentDecl, e: &toml::de::Error) -> ConfigError {
         let key = rest.split('`').next().unwrap_or("");
         return decl.error(None, format!("missing required option `{key}`"));
     }
-    // Type errors: point at the first key the message names, if it is one of ours.
+    // Type errors: point at the first key the message names, if it is one of ours; otherwise
+    // find the key whose removal makes the error go away (serde does not say which key failed).
     let key = quoted
         .iter()
         .find(|q| decl.key_lines.contains_key(**q))
-        .copied();
+        .map(|k| k.to_string())
+        .or_else(|| {
+            decl.options
+                .keys()
+                .find(|k| {
+                    let mut without = decl.options.clone();
+                    without.remove(*k);
+                    match registry.parse(decl.kind, &decl.type_name, without) {
+                        Some(Ok(_)) => true,
+                        Some(Err(e2)) => e2.message().contains(&format!("missing field `{k}`")),
+                        None => false,
+                    }
+                })
+                .cloned()
+        });
+    let key = key.as_deref();
     match key {
         Some(k) => decl.error(Some(k), format!("option `{k}`: {msg}")),
         None => decl.error(None, msg),

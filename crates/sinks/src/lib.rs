@@ -1,1 +1,15 @@
+//! Sluice sinks: one module per sink type. [`register`] adds them all to a registry.
 
+pub mod blackhole;
+pub mod console;
+pub mod file;
+
+use sluice_core::registry::Registry;
+
+/// Registers every sink type of this crate.
+pub fn register(registry: &mut Registry) {
+    registry
+        .sink::<console::ConsoleConfig>("console")
+        .sink::<file::FileSinkConfig>("file")
+        .sink::<blackhole::BlackholeConfig>("blackhole");
+}

@@ -1,1 +1,15 @@
+//! Sluice sources: one module per source type. [`register`] adds them all to a registry.
 
+pub mod file;
+pub mod simulator;
+pub mod stdin;
+
+use sluice_core::registry::Registry;
+
+/// Registers every source type of this crate.
+pub fn register(registry: &mut Registry) {
+    registry
+        .source::<simulator::SimulatorConfig>("simulator")
+        .source::<file::FileSourceConfig>("file")
+        .source::<stdin::StdinConfig>("stdin");
+}
