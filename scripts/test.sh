@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: starts the real servers the integration tests
+# need (installing them if missing), then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/services.sh start
+cargo test --workspace --locked "$@"
