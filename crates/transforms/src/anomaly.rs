@@ -1,1 +1,1308 @@
-//! placeholder
+//! `anomaly` transform: streaming anomaly detectors per series, and missing heartbeats.
+//!
+//! ```toml
+//! [transforms.detect]
+//! type = "anomaly"
+//! inputs = ["sim"]
+//! fields = ["temp"]
+//! group_by = ["device_id"]
+//! detectors = [
+//!   { type = "zscore", window = 60, threshold = 4.0 },
+//!   { type = "threshold", max = 40.0, hysteresis = 1.0 },
+//!   { type = "stuck", samples = 10 },
+//!   { type = "missing", timeout = "10s" },
+//! ]
+//! ```
+//!
+//! A series is one field of one group (`dev-0001/temp`). Records pass through unchanged on the
+//! default output (or annotated with `anomaly` / `anomaly_score` when `annotate = true`); alerts
+//! are new records on the `anomalies` output with tags = group tags and fields `series`,
+//! `field`, `detector`, `value`, `expected_min`, `expected_max`, `score`, `severity`, `message`.
+//!
+//! Detectors: `threshold` (fixed limits, one alert per excursion thanks to hysteresis), `zscore`
+//! (rolling window mean/stddev), `ewma` (exponentially weighted mean/variance, k-sigma), `mad`
+//! (rolling median / median absolute deviation, robust), `rate_of_change` (units per second),
+//! `stuck` (value unchanged for N samples and optionally T time) and `missing` (a group silent
+//! for `timeout` raises one "offline" alert from the timer, one "back online" when it reports).
+//!
+//! The statistical detectors (zscore, ewma, mad, rate_of_change) stay silent for the first
+//! `warmup` samples of a series. Anomalous values enter their baselines clamped to the alert
+//! boundary, so one spike does not blind the detector to the next one. State is bounded: at
+//! most `max_series` series (and as many groups for `missing`), least recently seen evicted.
+//!
+//! Alerts carry no finalizers (they are derived data); input records keep theirs.
+
+use std::collections::VecDeque;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lru::LruCache;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sluice_core::config::HumanDuration;
+use sluice_core::record::{intern, Batch, Name, Record, Value};
+use sluice_core::registry::{BuildContext, TransformConfig};
+use sluice_core::topology::now_ns;
+use sluice_core::transform::{Transform, TransformOutput};
+use sluice_core::BoxError;
+use smallvec::SmallVec;
+
+use crate::group::{GroupBy, GroupKey};
+use crate::Error;
+
+/// The output receiving alert records.
+pub const ANOMALIES: &str = "anomalies";
+
+/// Which clock the `missing` detector compares last-seen times with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Clock {
+    /// Arrival time on the wall clock: a live feed.
+    #[default]
+    Wall,
+    /// Event time: the newest event time of the whole stream is "now" (replays, simulations).
+    Event,
+}
+
+/// One detector run on every series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DetectorConfig {
+    /// Fixed limits. Alerts once when a value leaves [min, max]; re-arms only when the value is
+    /// back inside by `hysteresis`.
+    Threshold {
+        /// Lower limit. Default: none.
+        #[serde(default)]
+        min: Option<f64>,
+        /// Upper limit. Default: none.
+        #[serde(default)]
+        max: Option<f64>,
+        /// How far back inside the limits a value must come to re-arm. Default 0.
+        #[serde(default)]
+        hysteresis: f64,
+    },
+    /// |x − mean| / stddev over the previous `window` samples above `threshold`.
+    Zscore {
+        /// Samples in the rolling window. Default 60.
+        #[serde(default = "default_window")]
+        window: usize,
+        /// Alert above this score. Default 4.
+        #[serde(default = "default_zscore")]
+        threshold: f64,
+    },
+    /// |x − EWMA mean| / sqrt(EWMA variance) above `k`.
+    Ewma {
+        /// Smoothing factor in (0, 1]: weight of the newest sample. Default 0.1.
+        #[serde(default = "default_alpha")]
+        alpha: f64,
+        /// Alert above this many standard deviations. Default 4.
+        #[serde(default = "default_zscore")]
+        k: f64,
+    },
+    /// Modified z-score 0.6745·|x − median| / MAD over the previous `window` samples.
+    Mad {
+        /// Samples in the rolling window. Default 60.
+        #[serde(default = "default_window")]
+        window: usize,
+        /// Alert above this score. Default 5.
+        #[serde(default = "default_mad")]
+        threshold: f64,
+    },
+    /// |Δvalue / Δt| above `max_per_second`.
+    RateOfChange {
+        /// Largest normal change per second. Required.
+        max_per_second: f64,
+    },
+    /// The value stays within `tolerance` of the same value for `samples` samples (and at least
+    /// `duration`, when set). One alert per stuck period.
+    Stuck {
+        /// Consecutive equal samples. Default 10.
+        #[serde(default = "default_stuck_samples")]
+        samples: usize,
+        /// Also require the run to last this long. Default: none.
+        #[serde(default)]
+        duration: Option<HumanDuration>,
+        /// Largest difference still counted as unchanged. Default 0.
+        #[serde(default)]
+        tolerance: f64,
+    },
+    /// A group (device) silent for longer than `timeout` raises one "offline" alert (from the
+    /// timer, without new input) and one "back online" alert when it reports again.
+    Missing {
+        /// Silence that makes a device offline. Required.
+        timeout: HumanDuration,
+        /// "wall" (arrival time) or "event" (newest event time of the stream). Default "wall".
+        #[serde(default)]
+        clock: Clock,
+    },
+}
+
+fn default_window() -> usize {
+    60
+}
+fn default_zscore() -> f64 {
+    4.0
+}
+fn default_mad() -> f64 {
+    5.0
+}
+fn default_alpha() -> f64 {
+    0.1
+}
+fn default_stuck_samples() -> usize {
+    10
+}
+
+/// Streaming anomaly detection per series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalyConfig {
+    /// Numeric fields to watch; each (group, field) is a series. A record with none of them
+    /// goes to `dead_letter`. Default [] (only `missing` then makes sense).
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// Tags identifying a group (device). Default ["device_id"].
+    #[serde(default = "default_group_by")]
+    pub group_by: Vec<String>,
+    /// Detectors run on every series, e.g. `[{ type = "zscore" }, { type = "stuck" }]`.
+    /// Required (at least one).
+    pub detectors: Vec<DetectorConfig>,
+    /// Samples a series needs before zscore, ewma, mad and rate_of_change may fire. Default 30.
+    #[serde(default = "default_warmup")]
+    pub warmup: u64,
+    /// Most series (and groups) held; the least recently seen is forgotten. Default 100000.
+    #[serde(default = "default_max_series")]
+    pub max_series: usize,
+    /// Set `anomaly` (bool) and `anomaly_score` (highest score, 0 when none) on passing
+    /// records. Default false.
+    #[serde(default)]
+    pub annotate: bool,
+}
+
+fn default_group_by() -> Vec<String> {
+    vec!["device_id".into()]
+}
+fn default_warmup() -> u64 {
+    30
+}
+fn default_max_series() -> usize {
+    100_000
+}
+
+#[async_trait]
+impl TransformConfig for AnomalyConfig {
+    async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Transform>, BoxError> {
+        Ok(Box::new(Detector::new(self, cx)?))
+    }
+
+    fn outputs(&self) -> Vec<String> {
+        vec![ANOMALIES.to_string()]
+    }
+}
+
+/// A detector's verdict on one sample.
+#[derive(Debug, Clone, PartialEq)]
+struct Finding {
+    detector: &'static str,
+    score: f64,
+    lo: Option<f64>,
+    hi: Option<f64>,
+    /// Score at which the alert becomes critical.
+    critical: f64,
+    message: String,
+}
+
+/// A ring of the last `cap` samples with running sums (of values shifted by the series'
+/// first value, to keep the sums well conditioned).
+#[derive(Debug, Clone)]
+struct Ring {
+    cap: usize,
+    values: VecDeque<f64>,
+    sum: f64,
+    sumsq: f64,
+    /// Pushes since the sums were last recomputed (bounds rounding drift).
+    since_exact: usize,
+}
+
+impl Ring {
+    fn new(cap: usize) -> Self {
+        Ring {
+            cap,
+            values: VecDeque::with_capacity(cap),
+            sum: 0.0,
+            sumsq: 0.0,
+            since_exact: 0,
+        }
+    }
+
+    fn push(&mut self, v: f64) {
+        if self.values.len() == self.cap {
+            if let Some(old) = self.values.pop_front() {
+                self.sum -= old;
+                self.sumsq -= old * old;
+            }
+        }
+        self.values.push_back(v);
+        self.sum += v;
+        self.sumsq += v * v;
+        self.since_exact += 1;
+        if self.since_exact >= self.cap {
+            self.sum = self.values.iter().sum();
+            self.sumsq = self.values.iter().map(|x| x * x).sum();
+            self.since_exact = 0;
+        }
+    }
+
+    /// Mean and sample standard deviation.
+    fn mean_std(&self) -> Option<(f64, f64)> {
+        let n = self.values.len() as f64;
+        if n < 2.0 {
+            return None;
+        }
+        let mean = self.sum / n;
+        let var = ((self.sumsq - self.sum * mean) / (n - 1.0)).max(0.0);
+        Some((mean, var.sqrt()))
+    }
+}
+
+/// Per-series state of one detector.
+#[derive(Debug, Clone)]
+enum State {
+    Threshold {
+        alerting: bool,
+    },
+    Zscore(Ring),
+    Ewma {
+        mean: f64,
+        var: f64,
+        init: bool,
+    },
+    Mad(Ring),
+    Rate {
+        prev: Option<(i64, f64)>,
+    },
+    Stuck {
+        value: f64,
+        run: usize,
+        since: i64,
+        alerted: bool,
+    },
+    /// `missing` is tracked per group, not per series.
+    None,
+}
+
+#[derive(Debug, Clone)]
+struct Series {
+    samples: u64,
+    /// The series' first value: statistics are kept on `x − shift`.
+    shift: f64,
+    states: Vec<State>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Heartbeat {
+    last_seen: i64,
+    offline: bool,
+}
+
+/// Counters of the stage (logged at shutdown).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Alerts emitted.
+    pub alerts: u64,
+    /// Series forgotten because `max_series` was reached.
+    pub evicted_series: u64,
+    /// Records sent to `dead_letter`.
+    pub invalid: u64,
+}
+
+/// The running `anomaly` stage.
+pub struct Detector {
+    name: String,
+    fields: Vec<Name>,
+    group_by: GroupBy,
+    detectors: Vec<DetectorConfig>,
+    missing: Option<(i64, Clock)>,
+    warmup: u64,
+    annotate: bool,
+    series: LruCache<(GroupKey, u16), Series>,
+    heartbeats: LruCache<GroupKey, Heartbeat>,
+    /// Newest event time seen (the `event` clock).
+    max_event: i64,
+    scratch: Vec<f64>,
+    stats: Stats,
+    names: Names,
+}
+
+impl std::fmt::Debug for Detector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detector")
+            .field("name", &self.name)
+            .field("series", &self.series.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct Names {
+    series: Name,
+    field: Name,
+    detector: Name,
+    value: Name,
+    expected_min: Name,
+    expected_max: Name,
+    score: Name,
+    severity: Name,
+    message: Name,
+    anomaly: Name,
+    anomaly_score: Name,
+}
+
+impl Detector {
+    /// Validates `config` and builds the stage.
+    pub fn new(config: &AnomalyConfig, cx: &BuildContext) -> Result<Self, Error> {
+        if config.detectors.is_empty() {
+            return Err(Error::option(
+                cx,
+                "detectors",
+                "list at least one detector, e.g. [{ type = \"zscore\" }]",
+            ));
+        }
+        let mut missing = None;
+        for (i, d) in config.detectors.iter().enumerate() {
+            let opt = |name: &str| format!("detectors[{i}].{name}");
+            match d {
+                DetectorConfig::Threshold {
+                    min,
+                    max,
+                    hysteresis,
+                } => {
+                    if min.is_none() && max.is_none() {
+                        return Err(Error::option(cx, opt("max"), "set `min`, `max` or both"));
+                    }
+                    if let (Some(lo), Some(hi)) = (min, max) {
+                        if lo >= hi {
+                            return Err(Error::option(cx, opt("min"), "`min` must be below `max`"));
+                        }
+                    }
+                    if !(hysteresis.is_finite() && *hysteresis >= 0.0) {
+                        return Err(Error::option(cx, opt("hysteresis"), "must be ≥ 0"));
+                    }
+                }
+                DetectorConfig::Zscore { window, threshold }
+                | DetectorConfig::Mad { window, threshold } => {
+                    if *window < 3 {
+                        return Err(Error::option(cx, opt("window"), "must be at least 3"));
+                    }
+                    if !(threshold.is_finite() && *threshold > 0.0) {
+                        return Err(Error::option(cx, opt("threshold"), "must be positive"));
+                    }
+                }
+                DetectorConfig::Ewma { alpha, k } => {
+                    if !(*alpha > 0.0 && *alpha <= 1.0) {
+                        return Err(Error::option(cx, opt("alpha"), "must be in (0, 1]"));
+                    }
+                    if !(k.is_finite() && *k > 0.0) {
+                        return Err(Error::option(cx, opt("k"), "must be positive"));
+                    }
+                }
+                DetectorConfig::RateOfChange { max_per_second } => {
+                    if !(max_per_second.is_finite() && *max_per_second > 0.0) {
+                        return Err(Error::option(cx, opt("max_per_second"), "must be positive"));
+                    }
+                }
+                DetectorConfig::Stuck {
+                    samples, tolerance, ..
+                } => {
+                    if *samples < 2 {
+                        return Err(Error::option(cx, opt("samples"), "must be at least 2"));
+                    }
+                    if !(tolerance.is_finite() && *tolerance >= 0.0) {
+                        return Err(Error::option(cx, opt("tolerance"), "must be ≥ 0"));
+                    }
+                }
+                DetectorConfig::Missing { timeout, clock } => {
+                    if timeout.0.is_zero() {
+                        return Err(Error::option(cx, opt("timeout"), "must be positive"));
+                    }
+                    if missing.is_some() {
+                        return Err(Error::option(cx, opt("type"), "only one `missing` detector"));
+                    }
+                    let t = i64::try_from(timeout.0.as_nanos()).unwrap_or(i64::MAX);
+                    missing = Some((t, *clock));
+                }
+            }
+        }
+        let has_series_detector = config
+            .detectors
+            .iter()
+            .any(|d| !matches!(d, DetectorConfig::Missing { .. }));
+        if has_series_detector && config.fields.is_empty() {
+            return Err(Error::option(
+                cx,
+                "fields",
+                "list the numeric fields to watch, e.g. fields = [\"temp\"]",
+            ));
+        }
+        if config.fields.len() > usize::from(u16::MAX) {
+            return Err(Error::option(cx, "fields", "too many fields"));
+        }
+        let cap = NonZeroUsize::new(config.max_series)
+            .ok_or_else(|| Error::option(cx, "max_series", "must be at least 1"))?;
+        Ok(Detector {
+            name: cx.name.clone(),
+            fields: config.fields.iter().map(|f| intern(f)).collect(),
+            group_by: GroupBy::new(&config.group_by),
+            detectors: config.detectors.clone(),
+            missing,
+            warmup: config.warmup,
+            annotate: config.annotate,
+            series: LruCache::new(cap),
+            heartbeats: LruCache::new(cap),
+            max_event: i64::MIN,
+            scratch: Vec::new(),
+            stats: Stats::default(),
+            names: Names {
+                series: intern("series"),
+                field: intern("field"),
+                detector: intern("detector"),
+                value: intern("value"),
+                expected_min: intern("expected_min"),
+                expected_max: intern("expected_max"),
+                score: intern("score"),
+                severity: intern("severity"),
+                message: intern("message"),
+                anomaly: intern("anomaly"),
+                anomaly_score: intern("anomaly_score"),
+            },
+        })
+    }
+
+    /// What the stage counted so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Number of series held.
+    pub fn series_len(&self) -> usize {
+        self.series.len()
+    }
+
+    fn new_series(&self, first: f64) -> Series {
+        let states = self
+            .detectors
+            .iter()
+            .map(|d| match d {
+                DetectorConfig::Threshold { .. } => State::Threshold { alerting: false },
+                DetectorConfig::Zscore { window, .. } => State::Zscore(Ring::new(*window)),
+                DetectorConfig::Ewma { .. } => State::Ewma {
+                    mean: 0.0,
+                    var: 0.0,
+                    init: false,
+                },
+                DetectorConfig::Mad { window, .. } => State::Mad(Ring::new(*window)),
+                DetectorConfig::RateOfChange { .. } => State::Rate { prev: None },
+                DetectorConfig::Stuck { .. } => State::Stuck {
+                    value: f64::NAN,
+                    run: 0,
+                    since: 0,
+                    alerted: false,
+                },
+                DetectorConfig::Missing { .. } => State::None,
+            })
+            .collect();
+        Series {
+            samples: 0,
+            shift: first,
+            states,
+        }
+    }
+
+    /// The watched values of `r`, or why it cannot be scored.
+    fn values(&self, r: &Record) -> Result<SmallVec<[Option<f64>; 4]>, String> {
+        let mut values = SmallVec::new();
+        for name in &self.fields {
+            let v = match r.field(name) {
+                None | Some(Value::Null) => None,
+                Some(v @ Value::Str(_)) => {
+                    return Err(format!(
+                        "field `{name}` is a {}, not a number",
+                        v.type_name()
+                    ))
+                }
+                Some(v) => match v.as_f64() {
+                    Some(x) if x.is_finite() => Some(x),
+                    Some(x) => return Err(format!("field `{name}` is {x}")),
+                    None => return Err(format!("field `{name}` is not a number")),
+                },
+            };
+            values.push(v);
+        }
+        if !self.fields.is_empty() && values.iter().all(Option::is_none) {
+            let names: Vec<&str> = self.fields.iter().map(|f| &**f).collect();
+            return Err(format!("none of the watched fields {names:?} is present"));
+        }
+        Ok(values)
+    }
+
+    fn accept(&mut self, mut r: Record, wall: i64, out: &mut TransformOutput) {
+        let key = match self.group_by.key(&r) {
+            Ok(k) => k,
+            Err(e) => return self.invalid(r, e, out),
+        };
+        let values = match self.values(&r) {
+            Ok(v) => v,
+            Err(e) => return self.invalid(r, e, out),
+        };
+        self.max_event = self.max_event.max(r.time);
+        let mut top_score: f64 = 0.0;
+        if let Some((_, clock)) = self.missing {
+            let seen = match clock {
+                Clock::Wall => wall,
+                Clock::Event => r.time,
+            };
+            let back = match self.heartbeats.get_mut(&key) {
+                Some(hb) => {
+                    hb.last_seen = hb.last_seen.max(seen);
+                    std::mem::replace(&mut hb.offline, false)
+                }
+                None => {
+                    self.heartbeats.put(
+                        key.clone(),
+                        Heartbeat {
+                            last_seen: seen,
+                            offline: false,
+                        },
+                    );
+                    false
+                }
+            };
+            if back {
+                let alert = self.missing_alert(&key, r.time, false);
+                out.push_to(ANOMALIES, alert);
+            }
+        }
+        for (idx, v) in values.iter().enumerate() {
+            let Some(x) = *v else { continue };
+            let skey = (key.clone(), idx as u16);
+            if !self.series.contains(&skey) {
+                let fresh = self.new_series(x);
+                if self.series.push(skey.clone(), fresh).is_some() {
+                    self.stats.evicted_series += 1;
+                }
+            }
+            let Some(series) = self.series.get_mut(&skey) else {
+                continue;
+            };
+            let findings = score(
+                &self.detectors,
+                series,
+                self.warmup,
+                r.time,
+                x,
+                &mut self.scratch,
+            );
+            for finding in findings {
+                top_score = top_score.max(finding.score);
+                let alert = self.alert(&key, idx, r.time, x, finding);
+                out.push_to(ANOMALIES, alert);
+            }
+        }
+        if self.annotate {
+            r.set_field_named(&self.names.anomaly, Value::Bool(top_score > 0.0));
+            r.set_field_named(&self.names.anomaly_score, Value::F64(top_score));
+        }
+        out.push(r);
+    }
+
+    fn invalid(&mut self, r: Record, reason: String, out: &mut TransformOutput) {
+        self.stats.invalid += 1;
+        out.dead_letter(r, format!("anomaly `{}`: {reason}", self.name));
+    }
+
+    fn alert(&mut self, key: &GroupKey, field: usize, time: i64, x: f64, f: Finding) -> Record {
+        self.stats.alerts += 1;
+        let field_name = self.fields.get(field).cloned().unwrap_or_else(|| intern(""));
+        let mut r = Record::new(time);
+        r.tags = self.group_by.tags_of(key);
+        let series = format!("{}/{}", GroupBy::display(key), field_name);
+        let severity = if f.score >= f.critical {
+            "critical"
+        } else {
+            "warning"
+        };
+        let n = &self.names;
+        let opt = |v: Option<f64>| v.map_or(Value::Null, Value::F64);
+        r.fields = vec![
+            (n.series.clone(), Value::Str(Arc::from(series))),
+            (n.field.clone(), Value::Str(Arc::from(&*field_name))),
+            (n.detector.clone(), Value::from(f.detector)),
+            (n.value.clone(), Value::F64(x)),
+            (n.expected_min.clone(), opt(f.lo)),
+            (n.expected_max.clone(), opt(f.hi)),
+            (n.score.clone(), Value::F64(f.score)),
+            (n.severity.clone(), Value::from(severity)),
+            (n.message.clone(), Value::Str(Arc::from(f.message))),
+        ];
+        r
+    }
+
+    fn missing_alert(&mut self, key: &GroupKey, time: i64, offline: bool) -> Record {
+        self.stats.alerts += 1;
+        let n = &self.names;
+        let group = GroupBy::display(key);
+        let (severity, message) = if offline {
+            ("critical", format!("{group} offline: no data"))
+        } else {
+            ("info", format!("{group} back online"))
+        };
+        let mut r = Record::new(time);
+        r.tags = self.group_by.tags_of(key);
+        r.fields = vec![
+            (n.series.clone(), Value::Str(Arc::from(group))),
+            (n.detector.clone(), Value::from("missing")),
+            (n.value.clone(), Value::Null),
+            (n.expected_min.clone(), Value::Null),
+            (n.expected_max.clone(), Value::Null),
+            (n.score.clone(), Value::F64(if offline { 1.0 } else { 0.0 })),
+            (n.severity.clone(), Value::from(severity)),
+            (n.message.clone(), Value::Str(Arc::from(message))),
+        ];
+        r
+    }
+}
+
+/// Runs every detector of `series` on sample (`t`, `x`) and updates their state.
+fn score(
+    detectors: &[DetectorConfig],
+    series: &mut Series,
+    warmup: u64,
+    t: i64,
+    x: f64,
+    scratch: &mut Vec<f64>,
+) -> SmallVec<[Finding; 1]> {
+    let mut findings = SmallVec::new();
+    let warmed = series.samples >= warmup;
+    let shift = series.shift;
+    let xs = x - shift;
+    series.samples += 1;
+    for (d, state) in detectors.iter().zip(series.states.iter_mut()) {
+        match (d, state) {
+            (
+                DetectorConfig::Threshold {
+                    min,
+                    max,
+                    hysteresis,
+                },
+                State::Threshold { alerting },
+            ) => {
+                let above = max.is_some_and(|m| x > m);
+                let below = min.is_some_and(|m| x < m);
+                if *alerting {
+                    let back_inside = max.is_none_or(|m| x <= m - hysteresis)
+                        && min.is_none_or(|m| x >= m + hysteresis);
+                    if back_inside {
+                        *alerting = false;
+                    }
+                } else if above || below {
+                    *alerting = true;
+                    let (limit, word) = match (above, *max, *min) {
+                        (true, Some(m), _) => (m, "above max"),
+                        (_, _, Some(m)) => (m, "below min"),
+                        _ => (x, "outside"),
+                    };
+                    let excess = (x - limit).abs();
+                    findings.push(Finding {
+                        detector: "threshold",
+                        score: excess / limit.abs().max(1.0),
+                        lo: *min,
+                        hi: *max,
+                        critical: 0.1,
+                        message: format!("{x} {word} {limit}"),
+                    });
+                }
+            }
+            (DetectorConfig::Zscore { threshold, .. }, State::Zscore(ring)) => {
+                let mut insert = xs;
+                if let Some((mean, std)) = ring.mean_std() {
+                    if warmed && std > 0.0 {
+                        let z = (xs - mean).abs() / std;
+                        let (lo, hi) = (mean - threshold * std, mean + threshold * std);
+                        if z > *threshold {
+                            findings.push(Finding {
+                                detector: "zscore",
+                                score: z,
+                                lo: Some(lo + shift),
+                                hi: Some(hi + shift),
+                                critical: 2.0 * threshold,
+                                message: format!("z-score {z:.1} > {threshold}"),
+                            });
+                        }
+                        insert = xs.clamp(lo, hi);
+                    }
+                }
+                ring.push(insert);
+            }
+            (DetectorConfig::Ewma { alpha, k }, State::Ewma { mean, var, init }) => {
+                if !*init {
+                    *mean = xs;
+                    *var = 0.0;
+                    *init = true;
+                    continue;
+                }
+                let std = var.sqrt();
+                let mut x_in = xs;
+                if warmed && std > 0.0 {
+                    let z = (xs - *mean).abs() / std;
+                    let (lo, hi) = (*mean - k * std, *mean + k * std);
+                    if z > *k {
+                        findings.push(Finding {
+                            detector: "ewma",
+                            score: z,
+                            lo: Some(lo + shift),
+                            hi: Some(hi + shift),
+                            critical: 2.0 * k,
+                            message: format!("{z:.1} sigma from the EWMA > {k}"),
+                        });
+                    }
+                    x_in = xs.clamp(lo, hi);
+                }
+                let diff = x_in - *mean;
+                let incr = alpha * diff;
+                *mean += incr;
+                *var = (1.0 - alpha) * (*var + diff * incr);
+            }
+            (DetectorConfig::Mad { threshold, .. }, State::Mad(ring)) => {
+                if warmed && ring.values.len() >= 3 {
+                    if let Some((median, mad)) = median_mad(&ring.values, scratch) {
+                        if mad > 0.0 {
+                            let z = 0.6745 * (xs - median).abs() / mad;
+                            if z > *threshold {
+                                let half = threshold * mad / 0.6745;
+                                findings.push(Finding {
+                                    detector: "mad",
+                                    score: z,
+                                    lo: Some(median - half + shift),
+                                    hi: Some(median + half + shift),
+                                    critical: 2.0 * threshold,
+                                    message: format!("modified z-score {z:.1} > {threshold}"),
+                                });
+                            }
+                        }
+                    }
+                }
+                ring.push(xs);
+            }
+            (DetectorConfig::RateOfChange { max_per_second }, State::Rate { prev }) => {
+                match *prev {
+                    Some((pt, px)) if t > pt => {
+                        let dt = (t - pt) as f64 / 1e9;
+                        let rate = (x - px) / dt;
+                        if warmed && rate.abs() > *max_per_second {
+                            findings.push(Finding {
+                                detector: "rate_of_change",
+                                score: rate.abs() / max_per_second,
+                                lo: Some(px - max_per_second * dt),
+                                hi: Some(px + max_per_second * dt),
+                                critical: 2.0,
+                                message: format!("changing {rate:.3}/s, limit {max_per_second}/s"),
+                            });
+                        }
+                        *prev = Some((t, x));
+                    }
+                    Some(_) => {} // out of order or same instant: no rate
+                    None => *prev = Some((t, x)),
+                }
+            }
+            (
+                DetectorConfig::Stuck {
+                    samples,
+                    duration,
+                    tolerance,
+                },
+                State::Stuck {
+                    value,
+                    run,
+                    since,
+                    alerted,
+                },
+            ) => {
+                if (x - *value).abs() <= *tolerance {
+                    *run += 1;
+                } else {
+                    *value = x;
+                    *run = 1;
+                    *since = t;
+                    *alerted = false;
+                }
+                let long_enough = duration.is_none_or(|d| {
+                    t.saturating_sub(*since) >= i64::try_from(d.0.as_nanos()).unwrap_or(i64::MAX)
+                });
+                if !*alerted && *run >= *samples && long_enough {
+                    *alerted = true;
+                    findings.push(Finding {
+                        detector: "stuck",
+                        score: *run as f64 / *samples as f64,
+                        lo: None,
+                        hi: None,
+                        critical: f64::INFINITY,
+                        message: format!("value {x} unchanged for {run} samples"),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    findings
+}
+
+/// Median and median absolute deviation of `values` (no allocation after warm-up).
+fn median_mad(values: &VecDeque<f64>, scratch: &mut Vec<f64>) -> Option<(f64, f64)> {
+    scratch.clear();
+    scratch.extend(values.iter().copied());
+    let median = median_of(scratch)?;
+    for v in scratch.iter_mut() {
+        *v = (*v - median).abs();
+    }
+    let mad = median_of(scratch)?;
+    Some((median, mad))
+}
+
+fn median_of(v: &mut [f64]) -> Option<f64> {
+    let n = v.len();
+    if n == 0 {
+        return None;
+    }
+    let mid = n / 2;
+    let (lower, m, _) = v.select_nth_unstable_by(mid, f64::total_cmp);
+    let m = *m;
+    if n % 2 == 1 {
+        return Some(m);
+    }
+    let below = lower.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((below + m) / 2.0)
+}
+
+impl Transform for Detector {
+    fn process(&mut self, batch: Batch, out: &mut TransformOutput) {
+        let wall = match self.missing {
+            Some((_, Clock::Wall)) => now_ns(),
+            _ => 0,
+        };
+        for r in batch.records {
+            self.accept(r, wall, out);
+        }
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        let (timeout, _) = self.missing?;
+        let quarter = Duration::from_nanos(u64::try_from(timeout / 4).unwrap_or(0));
+        Some(quarter.clamp(Duration::from_millis(10), Duration::from_secs(1)))
+    }
+
+    fn on_tick(&mut self, now: i64, out: &mut TransformOutput) {
+        let Some((timeout, clock)) = self.missing else {
+            return;
+        };
+        let now = match clock {
+            Clock::Wall => now,
+            Clock::Event if self.max_event == i64::MIN => return,
+            Clock::Event => self.max_event,
+        };
+        let mut offline: Vec<GroupKey> = Vec::new();
+        for (key, hb) in self.heartbeats.iter_mut() {
+            if !hb.offline && now.saturating_sub(hb.last_seen) > timeout {
+                hb.offline = true;
+                offline.push(key.clone());
+            }
+        }
+        offline.sort();
+        for key in offline {
+            let alert = self.missing_alert(&key, now, true);
+            out.push_to(ANOMALIES, alert);
+        }
+    }
+
+    fn flush(&mut self, _out: &mut TransformOutput) {
+        let s = self.stats;
+        tracing::info!(
+            transform = %self.name,
+            alerts = s.alerts,
+            evicted_series = s.evicted_series,
+            invalid = s.invalid,
+            "anomaly stopped"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{cx, f64_field, rec, str_field, take};
+
+    fn detector(detectors: Vec<DetectorConfig>, f: impl FnOnce(&mut AnomalyConfig)) -> Detector {
+        let mut c = AnomalyConfig {
+            fields: vec!["temp".into()],
+            group_by: default_group_by(),
+            detectors,
+            warmup: 5,
+            max_series: 100,
+            annotate: false,
+        };
+        f(&mut c);
+        Detector::new(&c, &cx()).expect("valid config")
+    }
+
+    fn temp(secs: f64, dev: &str, t: f64) -> Record {
+        rec(secs, dev, &[("temp", Value::F64(t))])
+    }
+
+    /// Feeds `values` at 1 s intervals to device d1; returns (index, alert) pairs.
+    fn feed(d: &mut Detector, values: &[f64]) -> Vec<(usize, Record)> {
+        let mut alerts = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            let mut out = TransformOutput::default();
+            d.process(Batch::new(vec![temp(i as f64, "d1", *v)]), &mut out);
+            assert_eq!(take(&mut out, "default").len(), 1, "records pass through");
+            alerts.extend(take(&mut out, ANOMALIES).into_iter().map(|a| (i, a)));
+        }
+        alerts
+    }
+
+    /// A deterministic wiggle around 20 (±0.3), no randomness needed.
+    fn noisy(n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|i| 20.0 + 0.3 * ((i as f64) * 1.7).sin())
+            .collect()
+    }
+
+    #[test]
+    fn threshold_with_hysteresis_alerts_once_per_excursion() {
+        let mut d = detector(
+            vec![DetectorConfig::Threshold {
+                min: None,
+                max: Some(30.0),
+                hysteresis: 2.0,
+            }],
+            |_| {},
+        );
+        // Flapping around the limit: one alert. Back below 28 re-arms; the next excursion alerts.
+        let alerts = feed(&mut d, &[29.0, 31.0, 29.5, 30.5, 29.9, 31.0, 27.0, 31.0]);
+        let at: Vec<usize> = alerts.iter().map(|(i, _)| *i).collect();
+        assert_eq!(at, vec![1, 7]);
+        let a = &alerts[0].1;
+        assert_eq!(str_field(a, "detector"), "threshold");
+        assert_eq!(str_field(a, "series"), "d1/temp");
+        assert_eq!(f64_field(a, "value"), 31.0);
+        assert_eq!(f64_field(a, "expected_max"), 30.0);
+        assert_eq!(a.field("expected_min"), Some(&Value::Null));
+        assert_eq!(a.tag("device_id"), Some("d1"));
+        assert!(f64_field(a, "score") > 0.0);
+    }
+
+    #[test]
+    fn threshold_min_side() {
+        let mut d = detector(
+            vec![DetectorConfig::Threshold {
+                min: Some(0.0),
+                max: None,
+                hysteresis: 0.0,
+            }],
+            |_| {},
+        );
+        let alerts = feed(&mut d, &[1.0, -1.0, -2.0, 1.0]);
+        assert_eq!(alerts.len(), 1);
+        assert!(str_field(&alerts[0].1, "message").contains("below min"));
+    }
+
+    fn spike_series() -> Vec<f64> {
+        let mut v = noisy(80);
+        v[50] += 10.0;
+        v[53] -= 9.0; // a second spike soon after: the first must not mask it
+        v
+    }
+
+    #[test]
+    fn zscore_finds_spikes_only() {
+        let mut d = detector(
+            vec![DetectorConfig::Zscore {
+                window: 30,
+                threshold: 4.0,
+            }],
+            |_| {},
+        );
+        let alerts = feed(&mut d, &spike_series());
+        let at: Vec<usize> = alerts.iter().map(|(i, _)| *i).collect();
+        assert_eq!(at, vec![50, 53]);
+        let a = &alerts[0].1;
+        assert!(f64_field(a, "score") > 8.0, "a large spike is critical");
+        assert_eq!(str_field(a, "severity"), "critical");
+        assert!(f64_field(a, "expected_min") < 20.0 && f64_field(a, "expected_max") > 20.0);
+    }
+
+    #[test]
+    fn ewma_finds_spikes_only() {
+        let mut d = detector(vec![DetectorConfig::Ewma { alpha: 0.1, k: 4.0 }], |c| {
+            c.warmup = 20
+        });
+        let at: Vec<usize> = feed(&mut d, &spike_series())
+            .iter()
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(at, vec![50, 53]);
+    }
+
+    #[test]
+    fn mad_finds_spikes_only() {
+        let mut d = detector(
+            vec![DetectorConfig::Mad {
+                window: 30,
+                threshold: 5.0,
+            }],
+            |_| {},
+        );
+        let at: Vec<usize> = feed(&mut d, &spike_series())
+            .iter()
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(at, vec![50, 53]);
+    }
+
+    #[test]
+    fn median_and_mad_of_even_and_odd_windows() {
+        let mut scratch = Vec::new();
+        let odd: VecDeque<f64> = [1.0, 9.0, 2.0, 3.0, 4.0].into_iter().collect();
+        assert_eq!(median_mad(&odd, &mut scratch), Some((3.0, 1.0)));
+        let even: VecDeque<f64> = [4.0, 1.0, 3.0, 2.0].into_iter().collect();
+        assert_eq!(median_mad(&even, &mut scratch), Some((2.5, 1.0)));
+        assert_eq!(median_mad(&VecDeque::new(), &mut scratch), None);
+    }
+
+    #[test]
+    fn warmup_keeps_detectors_quiet() {
+        let mut d = detector(
+            vec![DetectorConfig::Zscore {
+                window: 30,
+                threshold: 3.0,
+            }],
+            |c| c.warmup = 10,
+        );
+        let mut v = noisy(20);
+        v[5] = 100.0; // inside warm-up: no alert
+        let at: Vec<usize> = feed(&mut d, &v).iter().map(|(i, _)| *i).collect();
+        assert!(!at.contains(&5), "{at:?}");
+    }
+
+    #[test]
+    fn rate_of_change() {
+        let mut d = detector(
+            vec![DetectorConfig::RateOfChange {
+                max_per_second: 1.0,
+            }],
+            |c| c.warmup = 0,
+        );
+        let alerts = feed(&mut d, &[10.0, 10.5, 11.0, 14.0, 14.5]);
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].0, 3);
+        assert!((f64_field(&alerts[0].1, "score") - 3.0).abs() < 1e-9);
+        assert_eq!(f64_field(&alerts[0].1, "expected_max"), 12.0);
+    }
+
+    #[test]
+    fn stuck_alerts_once_per_stuck_period() {
+        let mut d = detector(
+            vec![DetectorConfig::Stuck {
+                samples: 4,
+                duration: None,
+                tolerance: 0.0,
+            }],
+            |_| {},
+        );
+        let v = [1.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 6.0, 6.0, 6.0, 6.0];
+        let at: Vec<usize> = feed(&mut d, &v).iter().map(|(i, _)| *i).collect();
+        assert_eq!(at, vec![5, 11]);
+    }
+
+    #[test]
+    fn stuck_with_duration_needs_both() {
+        let mut d = detector(
+            vec![DetectorConfig::Stuck {
+                samples: 2,
+                duration: Some(HumanDuration(Duration::from_secs(5))),
+                tolerance: 0.01,
+            }],
+            |_| {},
+        );
+        let v = [3.0, 3.001, 3.0, 3.0, 3.0, 3.0, 3.0];
+        let at: Vec<usize> = feed(&mut d, &v).iter().map(|(i, _)| *i).collect();
+        assert_eq!(at, vec![5]);
+    }
+
+    #[test]
+    fn missing_heartbeat_offline_once_then_back_online() {
+        let mut d = detector(
+            vec![DetectorConfig::Missing {
+                timeout: HumanDuration(Duration::from_secs(10)),
+                clock: Clock::Event,
+            }],
+            |_| {},
+        );
+        let mut out = TransformOutput::default();
+        for s in 0..20 {
+            // d1 reports throughout; d2 stops after 5 s.
+            let mut batch = vec![temp(f64::from(s), "d1", 1.0)];
+            if s <= 5 {
+                batch.push(temp(f64::from(s), "d2", 1.0));
+            }
+            d.process(Batch::new(batch), &mut out);
+            d.on_tick(0, &mut out);
+        }
+        let alerts = take(&mut out, ANOMALIES);
+        assert_eq!(alerts.len(), 1, "one offline alert, not one per tick");
+        assert_eq!(alerts[0].tag("device_id"), Some("d2"));
+        assert_eq!(str_field(&alerts[0], "detector"), "missing");
+        assert_eq!(str_field(&alerts[0], "severity"), "critical");
+        assert_eq!(alerts[0].time, 16_000_000_000, "first tick with > 10 s of silence");
+        d.process(Batch::new(vec![temp(21.0, "d2", 1.0)]), &mut out);
+        d.on_tick(0, &mut out);
+        let alerts = take(&mut out, ANOMALIES);
+        assert_eq!(alerts.len(), 1);
+        assert!(str_field(&alerts[0], "message").contains("back online"));
+    }
+
+    #[test]
+    fn missing_with_the_wall_clock_fires_from_the_timer() {
+        let mut d = detector(
+            vec![DetectorConfig::Missing {
+                timeout: HumanDuration(Duration::from_secs(10)),
+                clock: Clock::Wall,
+            }],
+            |_| {},
+        );
+        let mut out = TransformOutput::default();
+        d.process(Batch::new(vec![temp(0.0, "d1", 1.0)]), &mut out);
+        d.on_tick(now_ns(), &mut out);
+        assert!(take(&mut out, ANOMALIES).is_empty());
+        d.on_tick(now_ns() + 11_000_000_000, &mut out);
+        assert_eq!(take(&mut out, ANOMALIES).len(), 1);
+        assert!(d.tick_interval().is_some());
+    }
+
+    #[test]
+    fn bad_input_goes_to_dead_letter_and_state_stays_bounded() {
+        let mut d = detector(
+            vec![DetectorConfig::Zscore {
+                window: 10,
+                threshold: 4.0,
+            }],
+            |c| c.max_series = 2,
+        );
+        let mut no_tag = temp(0.0, "x", 1.0);
+        no_tag.remove_tag("device_id");
+        let mut out = TransformOutput::default();
+        d.process(
+            Batch::new(vec![
+                temp(0.0, "a", f64::NAN),
+                temp(0.0, "a", f64::NEG_INFINITY),
+                rec(0.0, "a", &[("temp", Value::from("x"))]),
+                rec(0.0, "a", &[("humidity", Value::F64(1.0))]),
+                no_tag,
+                temp(0.0, "a", 1.0),
+                temp(0.0, "b", 1.0),
+                temp(0.0, "c", 1.0),
+            ]),
+            &mut out,
+        );
+        let dead = take(&mut out, "dead_letter");
+        assert_eq!(dead.len(), 5);
+        assert!(dead
+            .iter()
+            .all(|r| r.meta.error.as_deref().is_some_and(|e| e.starts_with("anomaly `t`"))));
+        assert_eq!(take(&mut out, "default").len(), 3);
+        assert_eq!(d.series_len(), 2);
+        assert_eq!(d.stats().evicted_series, 1);
+        assert_eq!(d.stats().invalid, 5);
+    }
+
+    #[test]
+    fn annotation_marks_passing_records() {
+        let mut d = detector(
+            vec![DetectorConfig::Threshold {
+                min: None,
+                max: Some(10.0),
+                hysteresis: 0.0,
+            }],
+            |c| c.annotate = true,
+        );
+        let mut out = TransformOutput::default();
+        d.process(
+            Batch::new(vec![temp(0.0, "a", 5.0), temp(1.0, "a", 50.0)]),
+            &mut out,
+        );
+        let passed = take(&mut out, "default");
+        assert_eq!(passed[0].field("anomaly"), Some(&Value::Bool(false)));
+        assert_eq!(passed[1].field("anomaly"), Some(&Value::Bool(true)));
+        assert!(f64_field(&passed[1], "anomaly_score") > 0.0);
+    }
+
+    #[test]
+    fn ring_statistics_stay_exact() {
+        let mut r = Ring::new(4);
+        for v in [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] {
+            r.push(v);
+        }
+        let (mean, std) = r.mean_std().expect("4 values");
+        assert!((mean - 4.5).abs() < 1e-12);
+        assert!((std - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert!(Ring::new(4).mean_std().is_none());
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let bad = |d: DetectorConfig| {
+            let c = AnomalyConfig {
+                fields: vec!["temp".into()],
+                group_by: vec![],
+                detectors: vec![d],
+                warmup: 0,
+                max_series: 10,
+                annotate: false,
+            };
+            Detector::new(&c, &cx()).is_err()
+        };
+        assert!(bad(DetectorConfig::Threshold {
+            min: None,
+            max: None,
+            hysteresis: 0.0
+        }));
+        assert!(bad(DetectorConfig::Ewma { alpha: 0.0, k: 3.0 }));
+        assert!(bad(DetectorConfig::Zscore {
+            window: 1,
+            threshold: 3.0
+        }));
+        assert!(bad(DetectorConfig::RateOfChange {
+            max_per_second: f64::NAN
+        }));
+        let parsed: AnomalyConfig = toml::from_str(
+            r#"
+            fields = ["temp"]
+            detectors = [{ type = "zscore" }, { type = "missing", timeout = "30s" }]
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(
+            parsed.detectors[0],
+            DetectorConfig::Zscore {
+                window: 60,
+                threshold: 4.0
+            }
+        );
+        assert!(toml::from_str::<AnomalyConfig>(
+            "detectors = [{ type = \"zscore\", windw = 3 }]"
+        )
+        .is_err());
+    }
+}

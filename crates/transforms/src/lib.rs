@@ -25,6 +25,7 @@ use sluice_core::registry::{BuildContext, Registry};
 pub fn register(registry: &mut Registry) {
     registry
         .transform::<aggregate::AggregateConfig>("aggregate")
+        .transform::<anomaly::AnomalyConfig>("anomaly")
         .transform::<filter::FilterConfig>("filter");
 }
 
