@@ -190,3 +190,148 @@ fn sigint_drains_flushes_and_exits_zero() {
         "{stderr}"
     );
 }
+
+#[test]
+fn stdin_to_file_then_file_source_reads_it_back() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = dir.path().join("first.jsonl");
+    let second = dir.path().join("second.jsonl");
+    let from_stdin = write(
+        dir.path(),
+        "stdin.toml",
+        &format!(
+            "[sources.in]\ntype = \"stdin\"\ndecode = {{ tags = [\"device\"] }}\n\n[sinks.out]\ntype = \"file\"\ninputs = [\"in\"]\npath = {:?}\n\n[sinks.bad]\ntype = \"file\"\ninputs = [\"in.dead_letter\"]\npath = {:?}\n",
+            first.display().to_string(),
+            dir.path().join("bad.jsonl").display().to_string()
+        ),
+    );
+    let mut child = sluice()
+        .arg("run")
+        .arg(&from_stdin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        for i in 0..500 {
+            writeln!(
+                stdin,
+                "{{\"ts\":{},\"device\":\"d{}\",\"v\":{i}}}",
+                1_700_000_000_000i64 + i,
+                i % 7
+            )
+            .expect("write");
+        }
+        writeln!(stdin, "not json").expect("write");
+    }
+    let out = child.wait_with_output().expect("exits at end of input");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&first)
+            .expect("out")
+            .lines()
+            .count(),
+        500
+    );
+    let bad = std::fs::read_to_string(dir.path().join("bad.jsonl")).expect("dead letters");
+    assert_eq!(bad.lines().count(), 1);
+    assert!(bad.contains("\"payload\":\"not json\""), "{bad}");
+
+    // The record codec reads the file sink's output back with the same tags, fields and types.
+    let from_file = write(
+        dir.path(),
+        "file.toml",
+        &format!(
+            "[sources.in]\ntype = \"file\"\npath = {:?}\ndecode = {{ codec = \"record\" }}\n\n[sinks.out]\ntype = \"file\"\ninputs = [\"in\"]\npath = {:?}\n",
+            first.display().to_string(),
+            second.display().to_string()
+        ),
+    );
+    let out = sluice().arg("run").arg(&from_file).output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = std::fs::read_to_string(&first).expect("first");
+    let b = std::fs::read_to_string(&second).expect("second");
+    let strip = |s: &str| -> Vec<serde_json::Value> {
+        s.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).expect("json");
+                v.as_object_mut().expect("object").remove("source");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&a), strip(&b));
+    assert!(a.contains("\"tags\":{\"device\":\"d3\"}"), "{a}");
+}
+
+#[test]
+fn metrics_and_health_endpoints() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        dir.path(),
+        "m.toml",
+        "[sources.sim]\ntype = \"simulator\"\nrate = 500\n\n[sinks.hole]\ntype = \"blackhole\"\ninputs = [\"sim\"]\n",
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut child = sluice()
+        .arg("run")
+        .arg(&file)
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawns");
+    let get = |path: &str| -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        Some(body)
+    };
+    let started = Instant::now();
+    let metrics = loop {
+        if let Some(m) = get("/metrics") {
+            if m.contains("sluice_component_records_out_total{component=\"sim\",kind=\"source\"} ")
+                && !m.contains("kind=\"source\"} 0\r\n")
+            {
+                break m;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "metrics never served"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let health = get("/health").expect("health");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("exits");
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+    assert!(
+        metrics.contains("# TYPE sluice_component_records_in_total counter"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_component_records_in_total{component=\"hole\",kind=\"sink\"}"),
+        "{metrics}"
+    );
+    assert_eq!(status.code(), Some(0), "SIGTERM is a graceful shutdown");
+}
