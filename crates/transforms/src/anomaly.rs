@@ -26,8 +26,11 @@
 //! for `timeout` raises one "offline" alert from the timer, one "back online" when it reports).
 //!
 //! The statistical detectors (zscore, ewma, mad, rate_of_change) stay silent for the first
-//! `warmup` samples of a series. Anomalous values enter their baselines clamped to the alert
-//! boundary, so one spike does not blind the detector to the next one. State is bounded: at
+//! `warmup` samples of a series (ewma builds an exact mean and variance meanwhile). Anomalous
+//! values enter the zscore and ewma baselines clamped to the alert boundary, so one spike does
+//! not blind the detector to the next one; exact repeats of the previous value (a stuck sensor)
+//! are scored but kept out of the baselines, so a stuck period cannot shrink the spread to
+//! nothing and make the sensor's recovery look like a spike. State is bounded: at
 //! most `max_series` series (and as many groups for `missing`), least recently seen evicted.
 //!
 //! Alerts carry no finalizers (they are derived data); input records keep theirs.
@@ -97,6 +100,10 @@ pub enum DetectorConfig {
         /// Smoothing factor in (0, 1]: weight of the newest sample. Default 0.1.
         #[serde(default = "default_alpha")]
         alpha: f64,
+        /// Smoothing factor of the variance, usually smaller than `alpha`: a variance estimated
+        /// from few samples is noisy, and its low moments are false alarms. Default `alpha` / 4.
+        #[serde(default)]
+        alpha_variance: Option<f64>,
         /// Alert above this many standard deviations. Default 4.
         #[serde(default = "default_zscore")]
         k: f64,
@@ -277,7 +284,10 @@ enum State {
     Ewma {
         mean: f64,
         var: f64,
-        init: bool,
+        /// Samples absorbed: the first `warmup` build an exact mean and variance (Welford),
+        /// so the EWMA starts from a sound baseline instead of a variance of zero.
+        n: u64,
+        m2: f64,
     },
     Mad(Ring),
     Rate {
@@ -296,6 +306,8 @@ enum State {
 #[derive(Debug, Clone)]
 struct Series {
     samples: u64,
+    /// The previous value: an exact repeat is scored but kept out of the baselines.
+    last: f64,
     /// The series' first value: statistics are kept on `x − shift`.
     shift: f64,
     states: Vec<State>,
@@ -401,9 +413,16 @@ impl Detector {
                         return Err(Error::option(cx, opt("threshold"), "must be positive"));
                     }
                 }
-                DetectorConfig::Ewma { alpha, k } => {
+                DetectorConfig::Ewma {
+                    alpha,
+                    alpha_variance,
+                    k,
+                } => {
                     if !(*alpha > 0.0 && *alpha <= 1.0) {
                         return Err(Error::option(cx, opt("alpha"), "must be in (0, 1]"));
+                    }
+                    if alpha_variance.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
+                        return Err(Error::option(cx, opt("alpha_variance"), "must be in (0, 1]"));
                     }
                     if !(k.is_finite() && *k > 0.0) {
                         return Err(Error::option(cx, opt("k"), "must be positive"));
@@ -501,7 +520,8 @@ impl Detector {
                 DetectorConfig::Ewma { .. } => State::Ewma {
                     mean: 0.0,
                     var: 0.0,
-                    init: false,
+                    n: 0,
+                    m2: 0.0,
                 },
                 DetectorConfig::Mad { window, .. } => State::Mad(Ring::new(*window)),
                 DetectorConfig::RateOfChange { .. } => State::Rate { prev: None },
@@ -516,6 +536,7 @@ impl Detector {
             .collect();
         Series {
             samples: 0,
+            last: f64::NAN,
             shift: first,
             states,
         }
@@ -689,6 +710,11 @@ fn score(
     let shift = series.shift;
     let xs = x - shift;
     series.samples += 1;
+    // A stuck sensor repeats one value; letting the repeats into a baseline would shrink its
+    // spread to zero and turn the sensor's recovery into a false spike. Repeats are scored but
+    // do not update zscore, ewma or mad.
+    let repeat = x == series.last;
+    series.last = x;
     for (d, state) in detectors.iter().zip(series.states.iter_mut()) {
         match (d, state) {
             (
@@ -744,13 +770,28 @@ fn score(
                         insert = xs.clamp(lo, hi);
                     }
                 }
-                ring.push(insert);
+                if !repeat {
+                    ring.push(insert);
+                }
             }
-            (DetectorConfig::Ewma { alpha, k }, State::Ewma { mean, var, init }) => {
-                if !*init {
-                    *mean = xs;
-                    *var = 0.0;
-                    *init = true;
+            (
+                DetectorConfig::Ewma {
+                    alpha,
+                    alpha_variance,
+                    k,
+                },
+                State::Ewma { mean, var, n, m2 },
+            ) => {
+                if *n < warmup.max(2) {
+                    if !repeat {
+                        *n += 1;
+                        let delta = xs - *mean;
+                        *mean += delta / *n as f64;
+                        *m2 += delta * (xs - *mean);
+                        if *n >= 2 {
+                            *var = *m2 / (*n - 1) as f64;
+                        }
+                    }
                     continue;
                 }
                 let std = var.sqrt();
@@ -770,10 +811,13 @@ fn score(
                     }
                     x_in = xs.clamp(lo, hi);
                 }
+                if repeat {
+                    continue;
+                }
                 let diff = x_in - *mean;
-                let incr = alpha * diff;
-                *mean += incr;
-                *var = (1.0 - alpha) * (*var + diff * incr);
+                *mean += alpha * diff;
+                let av = alpha_variance.unwrap_or(alpha / 4.0);
+                *var = (1.0 - av) * (*var + av * diff * diff);
             }
             (DetectorConfig::Mad { threshold, .. }, State::Mad(ring)) => {
                 if warmed && ring.values.len() >= 3 {
@@ -794,7 +838,9 @@ fn score(
                         }
                     }
                 }
-                ring.push(xs);
+                if !repeat {
+                    ring.push(xs);
+                }
             }
             (DetectorConfig::RateOfChange { max_per_second }, State::Rate { prev }) => {
                 match *prev {
@@ -1045,7 +1091,11 @@ mod tests {
 
     #[test]
     fn ewma_finds_spikes_only() {
-        let mut d = detector(vec![DetectorConfig::Ewma { alpha: 0.1, k: 4.0 }], |c| {
+        let mut d = detector(vec![DetectorConfig::Ewma {
+                alpha: 0.1,
+                alpha_variance: None,
+                k: 4.0,
+            }], |c| {
             c.warmup = 20
         });
         let at: Vec<usize> = feed(&mut d, &spike_series())
@@ -1278,7 +1328,11 @@ mod tests {
             max: None,
             hysteresis: 0.0
         }));
-        assert!(bad(DetectorConfig::Ewma { alpha: 0.0, k: 3.0 }));
+        assert!(bad(DetectorConfig::Ewma {
+            alpha: 0.0,
+            alpha_variance: None,
+            k: 3.0,
+        }));
         assert!(bad(DetectorConfig::Zscore {
             window: 1,
             threshold: 3.0
