@@ -148,10 +148,14 @@ impl Output {
     }
 
     /// Sends `batch` to every consumer (cloning it for all but the last), waiting for room.
-    /// A batch sent to an output nobody consumes is dropped (its records count as delivered).
-    pub async fn send(&self, batch: Batch) -> Result<(), Closed> {
+    /// A batch sent to an output nobody consumes is dropped on purpose: the pipeline file did
+    /// not route it anywhere, so its records count as delivered.
+    pub async fn send(&self, mut batch: Batch) -> Result<(), Closed> {
         match self.edges.split_last() {
-            None => Ok(()),
+            None => {
+                batch.finalize(BatchStatus::Delivered);
+                Ok(())
+            }
             Some((last, rest)) => {
                 for edge in rest {
                     edge.send(batch.clone()).await?;
@@ -232,12 +236,8 @@ impl Outputs {
                         );
                     }
                 }
-                let status = if output == DEAD_LETTER {
-                    BatchStatus::Rejected
-                } else {
-                    BatchStatus::Delivered
-                };
-                batch.finalize(status);
+                // Already marked Rejected above when dead-lettered; worst status wins.
+                batch.finalize(BatchStatus::Delivered);
                 Ok(())
             }
         }
@@ -326,6 +326,16 @@ mod tests {
             .await
             .expect("dropped, not an error");
         assert_eq!(m.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(status.await, BatchStatus::Delivered);
+    }
+
+    #[tokio::test]
+    async fn unconsumed_default_output_counts_as_delivered() {
+        let outputs = Outputs::disconnected("only_dead_letters_routed");
+        let (f, status) = ack::batch();
+        let mut r = Record::new(1);
+        r.finalizers = ack::Finalizers::one(f);
+        outputs.send(Batch::new(vec![r])).await.expect("send");
         assert_eq!(status.await, BatchStatus::Delivered);
     }
 
