@@ -26,7 +26,10 @@ pub fn register(registry: &mut Registry) {
     registry
         .transform::<aggregate::AggregateConfig>("aggregate")
         .transform::<anomaly::AnomalyConfig>("anomaly")
-        .transform::<filter::FilterConfig>("filter");
+        .transform::<filter::FilterConfig>("filter")
+        .transform::<route::RouteConfig>("route")
+        .transform::<remap::RemapConfig>("remap")
+        .transform::<dedupe::DedupeConfig>("dedupe");
 }
 
 /// Why a transform could not be built.
