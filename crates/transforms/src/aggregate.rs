@@ -402,13 +402,11 @@ impl Aggregator {
                     "set either `window` (tumbling/hopping) or `gap` (session), not both",
                 ))
             }
-            (None, None, None) => {
-                return Err(Error::option(
-                    cx,
-                    "window",
-                    "set `window = \"1m\"` (tumbling), `window` + `hop` (hopping) or `gap` (session)",
-                ))
-            }
+            (None, None, None) => return Err(Error::option(
+                cx,
+                "window",
+                "set `window = \"1m\"` (tumbling), `window` + `hop` (hopping) or `gap` (session)",
+            )),
             _ => return Err(Error::option(cx, "window", "durations must be positive")),
         };
         if config.fields.is_empty() {
@@ -501,11 +499,12 @@ impl Aggregator {
         }
         if !any {
             let names: Vec<&str> = self.fields.iter().map(|f| &*f.name).collect();
-            return Err(format!("none of the aggregated fields {names:?} is present"));
+            return Err(format!(
+                "none of the aggregated fields {names:?} is present"
+            ));
         }
         Ok(values)
     }
-
 
     fn accept(&mut self, mut r: Record, out: &mut TransformOutput) {
         let key = match self.group_by.key(&r) {
@@ -607,7 +606,9 @@ impl Aggregator {
                         first
                     }
                     None => {
-                        group.windows.push(new_window(fields, t, t.saturating_add(gap)));
+                        group
+                            .windows
+                            .push(new_window(fields, t, t.saturating_add(gap)));
                         group.windows.len() - 1
                     }
                 };
@@ -906,7 +907,10 @@ mod tests {
         let r = &take(&mut out, "default")[0];
         for (name, exact) in [("temp_p50", 500.0), ("temp_p99", 990.0)] {
             let got = f64_field(r, name);
-            assert!((got - exact).abs() / exact < 0.02, "{name}: {got} vs {exact}");
+            assert!(
+                (got - exact).abs() / exact < 0.02,
+                "{name}: {got} vs {exact}"
+            );
         }
     }
 
@@ -928,7 +932,11 @@ mod tests {
         assert_eq!(f64_field(d2, "temp_mean"), 7.0);
         assert_eq!(d2.field("temp_stddev"), Some(&Value::Null), "one value");
         assert_eq!(f64_field(d2, "temp_p99"), 7.0);
-        assert_eq!(d2.field("partial"), Some(&Value::Bool(true)), "flushed early");
+        assert_eq!(
+            d2.field("partial"),
+            Some(&Value::Bool(true)),
+            "flushed early"
+        );
     }
 
     #[test]
@@ -997,9 +1005,21 @@ mod tests {
         assert_eq!(dead.len(), 5, "{reasons:?}");
         assert!(reasons[0].contains("`temp` is NaN"), "{}", reasons[0]);
         assert!(reasons[1].contains("`temp` is inf"), "{}", reasons[1]);
-        assert!(reasons[2].contains("string, not a number"), "{}", reasons[2]);
-        assert!(reasons[3].contains("none of the aggregated fields"), "{}", reasons[3]);
-        assert!(reasons[4].contains("group_by tag `device_id`"), "{}", reasons[4]);
+        assert!(
+            reasons[2].contains("string, not a number"),
+            "{}",
+            reasons[2]
+        );
+        assert!(
+            reasons[3].contains("none of the aggregated fields"),
+            "{}",
+            reasons[3]
+        );
+        assert!(
+            reasons[4].contains("group_by tag `device_id`"),
+            "{}",
+            reasons[4]
+        );
         assert_eq!(a.stats().invalid, 5);
         // The integer was accepted.
         a.flush(&mut out);
@@ -1037,7 +1057,11 @@ mod tests {
         // Two sessions: {0, 10} and {50}; then 35 arrives late and bridges them.
         let mut rolled = Vec::new();
         for batch in [
-            vec![temp(0.0, "d1", 1.0), temp(10.0, "d1", 2.0), temp(50.0, "d1", 3.0)],
+            vec![
+                temp(0.0, "d1", 1.0),
+                temp(10.0, "d1", 2.0),
+                temp(50.0, "d1", 3.0),
+            ],
             vec![temp(35.0, "d1", 4.0)],
             // A separate session much later, then an event that closes it.
             vec![temp(200.0, "d1", 5.0)],
@@ -1144,7 +1168,11 @@ mod tests {
         let mut rolled = rolled.into_iter();
         let first = rolled.next().expect("two windows");
         first.discard();
-        assert_eq!(status.try_status(), None, "the other window is not delivered yet");
+        assert_eq!(
+            status.try_status(),
+            None,
+            "the other window is not delivered yet"
+        );
         for mut r in rolled {
             r.finalize(BatchStatus::Delivered);
         }
@@ -1174,7 +1202,9 @@ mod tests {
         let bad = |f: fn(&mut AggregateConfig)| Aggregator::new(&config(f), &cx()).is_err();
         assert!(bad(|c| c.window = None));
         assert!(bad(|c| c.gap = Some(HumanDuration(Duration::from_secs(1)))));
-        assert!(bad(|c| c.hop = Some(HumanDuration(Duration::from_secs(120)))));
+        assert!(bad(
+            |c| c.hop = Some(HumanDuration(Duration::from_secs(120)))
+        ));
         assert!(bad(|c| c.window = Some(HumanDuration(Duration::ZERO))));
         assert!(bad(|c| c.fields.clear()));
         assert!(bad(|c| c.max_groups = 0));
@@ -1194,7 +1224,9 @@ mod tests {
         .expect("parses");
         assert_eq!(c.allowed_lateness.0, Duration::from_secs(10));
         assert_eq!(c.when_full, WhenFull::FlushOldest);
-        assert!(toml::from_str::<AggregateConfig>("window = \"1m\"\nfields = {}\ntypo = 1").is_err());
+        assert!(
+            toml::from_str::<AggregateConfig>("window = \"1m\"\nfields = {}\ntypo = 1").is_err()
+        );
         assert!(
             toml::from_str::<AggregateConfig>("window = \"1m\"\nfields = { t = [\"p42\"] }")
                 .is_err()

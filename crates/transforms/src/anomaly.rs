@@ -422,7 +422,11 @@ impl Detector {
                         return Err(Error::option(cx, opt("alpha"), "must be in (0, 1]"));
                     }
                     if alpha_variance.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
-                        return Err(Error::option(cx, opt("alpha_variance"), "must be in (0, 1]"));
+                        return Err(Error::option(
+                            cx,
+                            opt("alpha_variance"),
+                            "must be in (0, 1]",
+                        ));
                     }
                     if !(k.is_finite() && *k > 0.0) {
                         return Err(Error::option(cx, opt("k"), "must be positive"));
@@ -448,7 +452,11 @@ impl Detector {
                         return Err(Error::option(cx, opt("timeout"), "must be positive"));
                     }
                     if missing.is_some() {
-                        return Err(Error::option(cx, opt("type"), "only one `missing` detector"));
+                        return Err(Error::option(
+                            cx,
+                            opt("type"),
+                            "only one `missing` detector",
+                        ));
                     }
                     let t = i64::try_from(timeout.0.as_nanos()).unwrap_or(i64::MAX);
                     missing = Some((t, *clock));
@@ -646,7 +654,11 @@ impl Detector {
 
     fn alert(&mut self, key: &GroupKey, field: usize, time: i64, x: f64, f: Finding) -> Record {
         self.stats.alerts += 1;
-        let field_name = self.fields.get(field).cloned().unwrap_or_else(|| intern(""));
+        let field_name = self
+            .fields
+            .get(field)
+            .cloned()
+            .unwrap_or_else(|| intern(""));
         let mut r = Record::new(time);
         r.tags = self.group_by.tags_of(key);
         let series = format!("{}/{}", GroupBy::display(key), field_name);
@@ -1091,13 +1103,14 @@ mod tests {
 
     #[test]
     fn ewma_finds_spikes_only() {
-        let mut d = detector(vec![DetectorConfig::Ewma {
+        let mut d = detector(
+            vec![DetectorConfig::Ewma {
                 alpha: 0.1,
                 alpha_variance: None,
                 k: 4.0,
-            }], |c| {
-            c.warmup = 20
-        });
+            }],
+            |c| c.warmup = 20,
+        );
         let at: Vec<usize> = feed(&mut d, &spike_series())
             .iter()
             .map(|(i, _)| *i)
@@ -1215,7 +1228,10 @@ mod tests {
         assert_eq!(alerts[0].tag("device_id"), Some("d2"));
         assert_eq!(str_field(&alerts[0], "detector"), "missing");
         assert_eq!(str_field(&alerts[0], "severity"), "critical");
-        assert_eq!(alerts[0].time, 16_000_000_000, "first tick with > 10 s of silence");
+        assert_eq!(
+            alerts[0].time, 16_000_000_000,
+            "first tick with > 10 s of silence"
+        );
         d.process(Batch::new(vec![temp(21.0, "d2", 1.0)]), &mut out);
         d.on_tick(0, &mut out);
         let alerts = take(&mut out, ANOMALIES);
@@ -1268,9 +1284,11 @@ mod tests {
         );
         let dead = take(&mut out, "dead_letter");
         assert_eq!(dead.len(), 5);
-        assert!(dead
-            .iter()
-            .all(|r| r.meta.error.as_deref().is_some_and(|e| e.starts_with("anomaly `t`"))));
+        assert!(dead.iter().all(|r| r
+            .meta
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("anomaly `t`"))));
         assert_eq!(take(&mut out, "default").len(), 3);
         assert_eq!(d.series_len(), 2);
         assert_eq!(d.stats().evicted_series, 1);
@@ -1354,9 +1372,9 @@ mod tests {
                 threshold: 4.0
             }
         );
-        assert!(toml::from_str::<AnomalyConfig>(
-            "detectors = [{ type = \"zscore\", windw = 3 }]"
-        )
-        .is_err());
+        assert!(
+            toml::from_str::<AnomalyConfig>("detectors = [{ type = \"zscore\", windw = 3 }]")
+                .is_err()
+        );
     }
 }

@@ -210,7 +210,10 @@ mod tests {
         let (fin, status) = ack::batch();
         let mut dup = msg(1.0, "a", 1);
         dup.finalizers.push(fin);
-        let kept = pass(&mut d, vec![msg(1.0, "a", 1), msg(1.0, "b", 1), dup, msg(2.0, "a", 2)]);
+        let kept = pass(
+            &mut d,
+            vec![msg(1.0, "a", 1), msg(1.0, "b", 1), dup, msg(2.0, "a", 2)],
+        );
         assert_eq!(kept.len(), 3);
         assert_eq!(d.duplicates, 1);
         assert_eq!(status.await, BatchStatus::Delivered);
@@ -220,7 +223,11 @@ mod tests {
     fn keys_expire_after_the_window() {
         let mut d = dedupe(60, 100);
         assert_eq!(pass(&mut d, vec![msg(0.0, "a", 1)]).len(), 1);
-        assert_eq!(pass(&mut d, vec![msg(30.0, "a", 1)]).len(), 0, "within 60 s");
+        assert_eq!(
+            pass(&mut d, vec![msg(30.0, "a", 1)]).len(),
+            0,
+            "within 60 s"
+        );
         assert_eq!(pass(&mut d, vec![msg(200.0, "z", 9)]).len(), 1);
         assert_eq!(pass(&mut d, vec![msg(201.0, "a", 1)]).len(), 1, "forgotten");
     }
@@ -228,9 +235,16 @@ mod tests {
     #[test]
     fn max_entries_bounds_memory() {
         let mut d = dedupe(3600, 2);
-        pass(&mut d, vec![msg(0.0, "a", 1), msg(1.0, "a", 2), msg(2.0, "a", 3)]);
+        pass(
+            &mut d,
+            vec![msg(0.0, "a", 1), msg(1.0, "a", 2), msg(2.0, "a", 3)],
+        );
         assert!(d.seen.len() <= 2);
-        assert_eq!(pass(&mut d, vec![msg(3.0, "a", 1)]).len(), 1, "oldest forgotten");
+        assert_eq!(
+            pass(&mut d, vec![msg(3.0, "a", 1)]).len(),
+            1,
+            "oldest forgotten"
+        );
     }
 
     #[test]
@@ -252,7 +266,11 @@ mod tests {
             .error
             .as_deref()
             .is_some_and(|e| e.contains("key field `seq` missing")));
-        assert_eq!(take(&mut out, "default").len(), 2, "1 and \"1\" are different keys");
+        assert_eq!(
+            take(&mut out, "default").len(),
+            2,
+            "1 and \"1\" are different keys"
+        );
     }
 
     #[test]
@@ -263,7 +281,10 @@ mod tests {
             max_entries: 10,
         };
         let mut d = Dedupe::new(&c, &cx()).expect("valid");
-        let kept = pass(&mut d, vec![rec(1.0, "a", &[]), rec(1.0, "a", &[]), rec(2.0, "a", &[])]);
+        let kept = pass(
+            &mut d,
+            vec![rec(1.0, "a", &[]), rec(1.0, "a", &[]), rec(2.0, "a", &[])],
+        );
         assert_eq!(kept.len(), 2);
         assert!(Dedupe::new(
             &DedupeConfig {

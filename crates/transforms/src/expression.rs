@@ -210,7 +210,10 @@ mod tests {
         assert!(missing.contains("humidity"), "{missing}");
         assert!(eval(r#"temp > "x""#).is_err());
         let e = Expression::compile("temp + 1.0").expect("compiles");
-        assert!(e.eval_bool(&record()).is_err(), "a number is not a condition");
+        assert!(
+            e.eval_bool(&record()).is_err(),
+            "a number is not a condition"
+        );
     }
 
     #[test]

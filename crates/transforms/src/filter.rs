@@ -97,7 +97,10 @@ mod tests {
         assert_eq!(kept[0].field("temp"), Some(&Value::F64(31.0)));
         assert_eq!(dead.len(), 2, "missing field and type mismatch");
         let reason = dead[0].meta.error.as_deref().expect("a reason");
-        assert!(reason.contains("temp > 30") && reason.contains("temp"), "{reason}");
+        assert!(
+            reason.contains("temp > 30") && reason.contains("temp"),
+            "{reason}"
+        );
         // The filtered-out record was acknowledged as delivered, not errored.
         assert_eq!(status.await, BatchStatus::Delivered);
     }
@@ -108,7 +111,10 @@ mod tests {
             panic!("a syntax error must fail the build");
         };
         let err = err.to_string();
-        assert!(err.contains("transforms.t") && err.contains("`condition`"), "{err}");
+        assert!(
+            err.contains("transforms.t") && err.contains("`condition`"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

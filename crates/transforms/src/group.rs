@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use smallvec::SmallVec;
 use sluice_core::record::{intern, Name, Record};
+use smallvec::SmallVec;
 
 /// The values of the `group_by` tags of one record, in `group_by` order.
 pub type GroupKey = SmallVec<[Arc<str>; 4]>;

@@ -46,7 +46,11 @@ pub enum Error {
 
 impl Error {
     /// An error about `option` of the component being built.
-    pub fn option(cx: &BuildContext, option: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn option(
+        cx: &BuildContext,
+        option: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Error::Option {
             component: cx.name.clone(),
             option: option.into(),

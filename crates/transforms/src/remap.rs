@@ -149,10 +149,16 @@ impl Remap {
             })?;
             compute.push((intern(field), e));
         }
-        if let Some(Literal::Float(f)) = config.set_fields.values().find(
-            |l| matches!(l, Literal::Float(f) if !f.is_finite()),
-        ) {
-            return Err(Error::option(cx, "set_fields", format!("{f} is not a finite number")));
+        if let Some(Literal::Float(f)) = config
+            .set_fields
+            .values()
+            .find(|l| matches!(l, Literal::Float(f) if !f.is_finite()))
+        {
+            return Err(Error::option(
+                cx,
+                "set_fields",
+                format!("{f} is not a finite number"),
+            ));
         }
         Ok(Remap {
             config: config.clone(),
@@ -223,7 +229,9 @@ fn cast(v: &Value, ty: CastType) -> Result<Value, String> {
         (CastType::Int, Value::I64(i)) => Value::I64(*i),
         (CastType::Int, Value::Str(s)) => match s.trim().parse::<i64>() {
             Ok(i) => Value::I64(i),
-            Err(_) => float_to_int(s.trim().parse::<f64>().map_err(|_| fail())?).ok_or_else(fail)?,
+            Err(_) => {
+                float_to_int(s.trim().parse::<f64>().map_err(|_| fail())?).ok_or_else(fail)?
+            }
         },
         (CastType::Int, v) => float_to_int(v.as_f64().ok_or_else(fail)?).ok_or_else(fail)?,
         (CastType::Bool, Value::Bool(b)) => Value::Bool(*b),
@@ -233,8 +241,8 @@ fn cast(v: &Value, ty: CastType) -> Result<Value, String> {
             _ => return Err(fail()),
         },
         (CastType::Bool, v) => match v.as_f64() {
-            Some(x) if x == 1.0 => Value::Bool(true),
-            Some(x) if x == 0.0 => Value::Bool(false),
+            Some(1.0) => Value::Bool(true),
+            Some(0.0) => Value::Bool(false),
             _ => return Err(fail()),
         },
     })
@@ -249,7 +257,10 @@ fn to_time(v: &Value, unit: TimeFormat) -> Result<i64, String> {
     if unit == TimeFormat::Rfc3339 {
         return match v {
             Value::Str(s) => sluice_core::json::parse_time(s),
-            other => Err(format!("expected an RFC 3339 string, got a {}", other.type_name())),
+            other => Err(format!(
+                "expected an RFC 3339 string, got a {}",
+                other.type_name()
+            )),
         };
     }
     let scale = match unit {
@@ -364,9 +375,15 @@ mod tests {
     #[test]
     fn casts() {
         assert_eq!(cast(&Value::F64(2.6), CastType::Int), Ok(Value::I64(3)));
-        assert_eq!(cast(&Value::from("2.5e1"), CastType::Float), Ok(Value::F64(25.0)));
+        assert_eq!(
+            cast(&Value::from("2.5e1"), CastType::Float),
+            Ok(Value::F64(25.0))
+        );
         assert_eq!(cast(&Value::I64(5), CastType::String), Ok(Value::from("5")));
-        assert_eq!(cast(&Value::from("false"), CastType::Bool), Ok(Value::Bool(false)));
+        assert_eq!(
+            cast(&Value::from("false"), CastType::Bool),
+            Ok(Value::Bool(false))
+        );
         assert_eq!(cast(&Value::Null, CastType::Int), Ok(Value::Null));
         assert!(cast(&Value::from("warm"), CastType::Float).is_err());
         assert!(cast(&Value::from("NaN"), CastType::Float).is_err());
@@ -398,11 +415,18 @@ mod tests {
         assert!(e.contains("cast: field `seq` missing"), "{e}");
         let mut out = TransformOutput::default();
         m.process(
-            Batch::new(vec![rec(0.0, "d1", &[("temp", Value::F64(1.0)), ("seq", Value::from("x"))])]),
+            Batch::new(vec![rec(
+                0.0,
+                "d1",
+                &[("temp", Value::F64(1.0)), ("seq", Value::from("x"))],
+            )]),
             &mut out,
         );
         let dead = take(&mut out, "dead_letter");
-        assert!(dead[0].field("temp").is_some(), "the rename was not applied");
+        assert!(
+            dead[0].field("temp").is_some(),
+            "the rename was not applied"
+        );
         let mut m = remap(r#"compute = { f = "temp * 2.0" }"#);
         let e = one(&mut m, rec(0.0, "d1", &[])).expect_err("no temp");
         assert!(e.contains("compute `f`"), "{e}");

@@ -83,7 +83,9 @@ fn generate(cfg: &SimulatorConfig) -> Run {
         readings.extend(round);
     }
     Run {
-        device_ids: (0..fleet.len()).map(|i| fleet.device_id(i).to_string()).collect(),
+        device_ids: (0..fleet.len())
+            .map(|i| fleet.device_id(i).to_string())
+            .collect(),
         silences: fleet.silences().to_vec(),
         readings,
         records,
@@ -128,7 +130,10 @@ fn alerts_of(run: &Run, detector: DetectorConfig) -> Vec<(String, i64, String)> 
 fn labels(run: &Run) -> HashMap<(String, i64), Label> {
     run.readings
         .iter()
-        .filter_map(|r| r.label.map(|l| ((run.device_ids[r.device].clone(), r.ts_ms), l)))
+        .filter_map(|r| {
+            r.label
+                .map(|l| ((run.device_ids[r.device].clone(), r.ts_ms), l))
+        })
         .collect()
 }
 
@@ -281,8 +286,16 @@ fn report(name: &str, s: &Score) {
 }
 
 fn assert_quality(name: &str, s: &Score) {
-    assert!(s.truth >= 20, "{name}: too few labelled cases ({}) to judge", s.truth);
-    assert!(s.precision >= 0.9, "{name}: precision {:.3} < 0.9", s.precision);
+    assert!(
+        s.truth >= 20,
+        "{name}: too few labelled cases ({}) to judge",
+        s.truth
+    );
+    assert!(
+        s.precision >= 0.9,
+        "{name}: precision {:.3} < 0.9",
+        s.precision
+    );
     assert!(s.recall >= 0.9, "{name}: recall {:.3} < 0.9", s.recall);
 }
 
@@ -297,11 +310,14 @@ fn detectors_meet_the_quality_bar_on_labelled_simulator_data() {
                 threshold: 4.0,
             },
         ),
-        ("spike/ewma", DetectorConfig::Ewma {
+        (
+            "spike/ewma",
+            DetectorConfig::Ewma {
                 alpha: 0.1,
                 alpha_variance: None,
                 k: 4.0,
-            }),
+            },
+        ),
         (
             "spike/mad",
             DetectorConfig::Mad {
@@ -374,4 +390,3 @@ fn drift_is_reported_not_asserted() {
         drifted
     );
 }
-

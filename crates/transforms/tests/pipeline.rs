@@ -18,8 +18,8 @@ fn registry() -> Registry {
 }
 
 fn read_jsonl(path: &Path) -> Vec<Json> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.lines()
         .map(|l| serde_json::from_str(l).expect("each line is a JSON record"))
         .collect()
@@ -79,12 +79,20 @@ async fn simulator_to_rollups_and_alerts_in_files() {
 
     // 150 s of data: minutes 0 and 1 close on the watermark, minute 2 is flushed at shutdown.
     let rollups = read_jsonl(&dir.path().join("rollups.jsonl"));
-    assert_eq!(rollups.len(), DEVICES * 3, "one rollup per device per minute");
+    assert_eq!(
+        rollups.len(),
+        DEVICES * 3,
+        "one rollup per device per minute"
+    );
     let total: i64 = rollups
         .iter()
         .map(|r| r["fields"]["temp_count"].as_i64().expect("count"))
         .sum();
-    assert_eq!(total as usize, DEVICES * ROUNDS, "every reading counted once");
+    assert_eq!(
+        total as usize,
+        DEVICES * ROUNDS,
+        "every reading counted once"
+    );
     let partial = rollups
         .iter()
         .filter(|r| r["fields"]["partial"] == Json::Bool(true))
