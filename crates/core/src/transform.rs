@@ -6,9 +6,11 @@
 //! [`Transform::on_tick`] without new input. On shutdown [`Transform::flush`] is called once
 //! after the input has drained.
 //!
-//! Records a transform drops on purpose (a filter) just go out of scope: their finalizers
-//! count that as delivered. Records it cannot handle go to the `dead_letter` output with
-//! [`Record::meta`](crate::record::Record::meta)`.error` set.
+//! Records a transform drops on purpose (a filter) must say so with
+//! [`Record::discard`](crate::record::Record::discard), which counts them as delivered; a record
+//! that merely goes out of scope counts as `Errored` and its source redelivers it. Records it
+//! cannot handle go to the `dead_letter` output ([`TransformOutput::dead_letter`]) with the
+//! reason in [`Record::meta`](crate::record::Record::meta)`.error`.
 //!
 //! ```
 //! use sluice_core::record::{Batch, Value};

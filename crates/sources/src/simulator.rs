@@ -189,7 +189,8 @@ impl Default for SimulatorConfig {
 }
 
 impl SimulatorConfig {
-    fn decode_config(&self) -> DecodeConfig {
+    /// The decoding the source applies: `decode`, or JSON with `topic` as the topic pattern.
+    pub fn decode_config(&self) -> DecodeConfig {
         self.decode.clone().unwrap_or_else(|| DecodeConfig {
             topic_pattern: Some(self.topic.clone()),
             ..DecodeConfig::default()
