@@ -7,12 +7,14 @@
 #   scripts/services.sh restart SERVICE      stop then start (data kept where the server keeps it)
 #   scripts/services.sh status
 #
-# Services: mosquitto (MQTT, 1883). State, logs and pid files live under
-# $SLUICE_SERVICES_DIR (default /tmp/sluice-services).
+# Services: mosquitto (MQTT, 1883), moto (S3 and other AWS APIs, 5000; its venv also holds
+# DuckDB + httpfs, pyarrow and awscli, the independent readers the tests verify output with). State, logs and pid files live under
+# $SLUICE_SERVICES_DIR (default /tmp/sluice-services). victoriametrics (InfluxDB 2.x write API
+# /api/v2/write, read back through /api/v1/export, 8428).
 set -euo pipefail
 
 DIR="${SLUICE_SERVICES_DIR:-/tmp/sluice-services}"
-ALL_SERVICES=(mosquitto)
+ALL_SERVICES=(mosquitto moto victoriametrics)
 mkdir -p "$DIR"
 
 log() { echo "[services] $*" >&2; }
@@ -47,7 +49,10 @@ mosquitto_start() {
   mkdir -p "$DIR/mosquitto/data"
   # Unlimited per-client queue and in-flight window: the defaults (1000 queued, 20 in flight)
   # silently drop messages for slow or offline persistent sessions (see README, MQTT).
+  # `user`: started as root, mosquitto would switch to the `mosquitto` user, which cannot write
+  # the persistence file or the log under $DIR (sessions would be lost on restart).
   cat > "$DIR/mosquitto/mosquitto.conf" <<CONF
+user $(id -un)
 listener 1883 127.0.0.1
 allow_anonymous true
 persistence true
@@ -69,6 +74,63 @@ mosquitto_stop() {
 }
 
 mosquitto_status() { port_open 1883 && echo "mosquitto: up (127.0.0.1:1883)" || echo "mosquitto: down"; }
+
+# --- moto (S3 on 5000) + the Python readers used to verify output ---------------------------
+# One venv under $DIR/venv: moto's server, DuckDB 1.4.4 with its httpfs extension shipped as a
+# PyPI package (INSTALL httpfs would download, which fails offline), pyarrow and the AWS CLI.
+VENV="$DIR/venv"
+MOTO_PACKAGES=('moto[server]' 'duckdb==1.4.4' 'duckdb-ext-httpfs==1.4.4.20260205' pyarrow awscli)
+
+moto_install() {
+  if [ -x "$VENV/bin/moto_server" ] && [ -f "$VENV/.sluice-packages" ] \
+     && [ "$(cat "$VENV/.sluice-packages")" = "${MOTO_PACKAGES[*]}" ]; then return 0; fi
+  log "installing ${MOTO_PACKAGES[*]} into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${MOTO_PACKAGES[@]}"
+  echo "${MOTO_PACKAGES[*]}" > "$VENV/.sluice-packages"
+}
+
+moto_start() {
+  moto_install
+  if port_open 5000; then log "moto already listening on 5000"; return 0; fi
+  # setsid: the server outlives this script and is not killed with the caller's process group.
+  setsid "$VENV/bin/moto_server" -H 127.0.0.1 -p 5000 >> "$DIR/moto.log" 2>&1 < /dev/null &
+  echo $! > "$DIR/moto.pid"
+  wait_port moto 5000 300
+  log "moto ready on 127.0.0.1:5000 (S3 path-style, credentials test/test, region us-east-1)"
+}
+
+moto_stop() {
+  if [ -f "$DIR/moto.pid" ]; then kill "$(cat "$DIR/moto.pid")" 2>/dev/null || true; rm -f "$DIR/moto.pid"; fi
+  for _ in $(seq 50); do port_open 5000 || break; sleep 0.1; done
+}
+
+moto_status() { port_open 5000 && echo "moto: up (127.0.0.1:5000)" || echo "moto: down"; }
+
+# --- victoriametrics (InfluxDB /api/v2/write on 8428) ------------------------------------------
+# Stands in for InfluxDB 2.x (Debian's influxdb is 1.x, without /api/v2/write). Retention 100y so
+# simulator data with old timestamps is kept; latencyOffset 0 so reads see data right after
+# GET /internal/force_flush.
+victoriametrics_start() {
+  apt_install victoria-metrics
+  if port_open 8428; then log "victoriametrics already listening on 8428"; return 0; fi
+  mkdir -p "$DIR/vm"
+  setsid victoria-metrics -httpListenAddr=127.0.0.1:8428 -storageDataPath="$DIR/vm" \
+    -retentionPeriod=100y -search.latencyOffset=0s >> "$DIR/victoriametrics.log" 2>&1 < /dev/null &
+  echo $! > "$DIR/victoriametrics.pid"
+  wait_port victoriametrics 8428 300
+  log "victoriametrics ready on 127.0.0.1:8428 (InfluxDB write API: /api/v2/write)"
+}
+
+victoriametrics_stop() {
+  if [ -f "$DIR/victoriametrics.pid" ]; then
+    kill "$(cat "$DIR/victoriametrics.pid")" 2>/dev/null || true
+    rm -f "$DIR/victoriametrics.pid"
+  fi
+  for _ in $(seq 100); do port_open 8428 || break; sleep 0.1; done
+}
+
+victoriametrics_status() { port_open 8428 && echo "victoriametrics: up (127.0.0.1:8428)" || echo "victoriametrics: down"; }
 
 # --- dispatch ----------------------------------------------------------------------------------
 cmd=${1:-status}

@@ -3,6 +3,8 @@
 pub mod blackhole;
 pub mod console;
 pub mod file;
+pub mod parquet;
+pub mod s3;
 
 use sluice_core::registry::Registry;
 
@@ -11,5 +13,6 @@ pub fn register(registry: &mut Registry) {
     registry
         .sink::<console::ConsoleConfig>("console")
         .sink::<file::FileSinkConfig>("file")
-        .sink::<blackhole::BlackholeConfig>("blackhole");
+        .sink::<blackhole::BlackholeConfig>("blackhole")
+        .sink::<parquet::ParquetSinkConfig>("parquet");
 }
