@@ -1,6 +1,7 @@
 //! Sluice sources: one module per source type. [`register`] adds them all to a registry.
 
 pub mod file;
+pub mod mqtt;
 pub mod simulator;
 pub mod stdin;
 
@@ -11,5 +12,6 @@ pub fn register(registry: &mut Registry) {
     registry
         .source::<simulator::SimulatorConfig>("simulator")
         .source::<file::FileSourceConfig>("file")
-        .source::<stdin::StdinConfig>("stdin");
+        .source::<stdin::StdinConfig>("stdin")
+        .source::<mqtt::MqttSourceConfig>("mqtt");
 }

@@ -1,0 +1,668 @@
+//! `mqtt` source: subscribes to topic filters on an MQTT broker (v3.1.1 or v5, rumqttc) and
+//! decodes each message with the shared decoders.
+//!
+//! ```toml
+//! [sources.telemetry]
+//! type = "mqtt"
+//! url = "mqtt://127.0.0.1:1883"
+//! topics = ["devices/+/data"]
+//! qos = 1
+//! decode = { codec = "json", topic_pattern = "devices/{device_id}/data" }
+//! ```
+//!
+//! **No loss at QoS 1/2.** Acknowledgements are manual: the PUBACK (QoS 1) or PUBREC (QoS 2)
+//! of a message is sent only once its record is delivered (or dead-lettered) by every sink.
+//! With a persistent session (`clean_session = false`, the default) and a stable client id
+//! (derived from the pipeline id and component name), a crash before delivery means the broker
+//! sends the message again. Delivery is therefore at-least-once: expect duplicates after a
+//! crash or reconnect.
+//!
+//! **Ack ordering.** MQTT requires a client to acknowledge QoS 1/2 messages in the order the
+//! broker sent them. Messages are grouped in batches as they arrive; one acknowledgement task
+//! waits for the batches' statuses strictly in arrival order (a later batch that finishes first
+//! waits for the earlier ones), then queues their acks in order. A batch that fails downstream
+//! (status `Errored`) is never acknowledged, and neither is anything after it on the same
+//! connection: the source disconnects and reconnects so that the broker redelivers. Acks that
+//! belong to a previous connection are dropped, never sent on a new one (after a reconnect the
+//! broker redelivers the message anyway, and a stale packet id could name another message).
+//!
+//! **Flow control.** At most `max_inflight` QoS 1/2 messages are unacknowledged at a time; a v5
+//! broker is told so (Receive Maximum). A v3.1.1 broker uses its own limit (mosquitto:
+//! `max_inflight_messages`, default 20, which caps throughput at 20 / delivery latency: raise it
+//! on the broker). When downstream is full the poller stops reading the socket, so memory stays
+//! flat and TCP pushes back on the broker. Also set mosquitto's `max_queued_messages` high (or
+//! 0): by default it drops messages beyond 1000 queued for a slow or offline client.
+//!
+//! **Metrics**: `connected` (0/1), `subscribed` (0/1, after the SUBACK), `reconnects`,
+//! `messages`, `inflight` (QoS 1/2 messages not yet acknowledged), and the standard `bytes`.
+//!
+//! **Structure.** A poller task does nothing but poll rumqttc's event loop and hand whole reads
+//! of messages to the source task, which decodes and sends them; an acknowledgement task
+//! resolves statuses and queues acks. The request channel holds `max_inflight` acks plus a
+//! margin, so queuing an ack never blocks and the poller never waits on the channel.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sluice_core::ack::{self, BatchStatus, StatusReceiver};
+use sluice_core::decode::{DecodeConfig, Decoded, Decoder};
+use sluice_core::metrics::ComponentMetrics;
+use sluice_core::record::{intern, Meta, Origin};
+use sluice_core::registry::{BuildContext, SourceConfig};
+use sluice_core::source::{Source, SourceContext};
+use sluice_core::topic::TopicPattern;
+use sluice_core::topology::now_ns;
+use sluice_core::BoxError;
+use sluice_mqtt::{ClientSettings, ConnectionConfig, Connector, Event, EventLoop, Message};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+pub use sluice_mqtt::{Protocol, TlsConfig};
+
+/// Subscribes to MQTT topics; acknowledges QoS 1/2 messages after delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    #[serde(flatten)]
+    pub connection: ConnectionConfig,
+    /// Topic filters to subscribe to (`+` matches one level, `#` the rest). Default: the filter
+    /// of `decode.topic_pattern` (its captures become `+`).
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Subscription QoS: 0 (at most once), 1 (at least once, default) or 2. With 1 and 2 a
+    /// message is acknowledged only after delivery.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Subscribe as `$share/<group>/<filter>` so that several instances split the messages.
+    /// Default: none.
+    #[serde(default)]
+    pub shared_group: Option<String>,
+    /// Most QoS 1/2 messages received and not yet acknowledged (bounds memory; sent to v5
+    /// brokers as Receive Maximum, at most 65535). Default 10000.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Most messages per batch sent downstream. Default 1000.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Payload decoding. Default: JSON; `max_payload` (default "1MiB") dead-letters bigger
+    /// payloads.
+    #[serde(default)]
+    pub decode: DecodeConfig,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+fn default_max_inflight() -> u16 {
+    10_000
+}
+fn default_batch_size() -> usize {
+    1000
+}
+
+impl MqttSourceConfig {
+    /// A source of `topics` on broker `url`, other options at their defaults.
+    pub fn new(url: &str, topics: &[&str]) -> Self {
+        MqttSourceConfig {
+            connection: ConnectionConfig::new(url),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            qos: default_qos(),
+            shared_group: None,
+            max_inflight: default_max_inflight(),
+            batch_size: default_batch_size(),
+            decode: DecodeConfig::default(),
+        }
+    }
+
+    /// The filters actually subscribed (with the shared-subscription prefix).
+    fn filters(&self) -> Result<Vec<String>, String> {
+        let mut topics = self.topics.clone();
+        if topics.is_empty() {
+            match &self.decode.topic_pattern {
+                Some(p) => topics.push(TopicPattern::new(p)?.filter()),
+                None => {
+                    return Err(
+                        "`topics` is empty: list topic filters, e.g. topics = [\"devices/+/data\"]"
+                            .into(),
+                    )
+                }
+            }
+        }
+        for t in &topics {
+            validate_filter(t)?;
+        }
+        match &self.shared_group {
+            None => Ok(topics),
+            Some(g) => {
+                if g.is_empty() || g.contains(['/', '+', '#']) {
+                    return Err(format!(
+                        "`shared_group` = {g:?}: must be non-empty without `/`, `+` or `#`"
+                    ));
+                }
+                Ok(topics.iter().map(|t| format!("$share/{g}/{t}")).collect())
+            }
+        }
+    }
+}
+
+fn validate_filter(f: &str) -> Result<(), String> {
+    if f.is_empty() {
+        return Err("`topics`: empty topic filter".into());
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    for (i, l) in levels.iter().enumerate() {
+        let bad = (l.contains('#') && (*l != "#" || i + 1 != levels.len()))
+            || (l.contains('+') && *l != "+");
+        if bad {
+            return Err(format!(
+                "`topics`: invalid filter {f:?} (`+` must be a whole level, `#` the whole last level)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl SourceConfig for MqttSourceConfig {
+    async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Source>, BoxError> {
+        let connector = Connector::new(&self.connection, &cx.pipeline_id, &cx.name)?;
+        let qos = sluice_mqtt::qos(self.qos)?;
+        let filters = self.filters()?;
+        let decoder = Decoder::new(self.decode.clone())?;
+        if self.max_inflight == 0 {
+            return Err("`max_inflight` must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return Err("`batch_size` must be at least 1".into());
+        }
+        Ok(Box::new(MqttSource {
+            connector,
+            clean_session: self.connection.clean_session.unwrap_or(false),
+            qos,
+            filters,
+            decoder,
+            max_inflight: self.max_inflight,
+            batch_size: self.batch_size,
+        }))
+    }
+}
+
+struct MqttSource {
+    connector: Connector,
+    clean_session: bool,
+    qos: rumqttc::QoS,
+    filters: Vec<String>,
+    decoder: Decoder,
+    max_inflight: u16,
+    batch_size: usize,
+}
+
+/// Messages of one read, all from the same connection.
+struct Incoming {
+    generation: u64,
+    messages: Vec<Message>,
+}
+
+/// A batch waiting for its status before its messages are acknowledged.
+struct Pending {
+    generation: u64,
+    acks: Vec<(u8, u16)>,
+    status: StatusReceiver,
+}
+
+/// State shared by the three tasks.
+struct Shared {
+    /// Bumped at every lost connection: acks of older generations are never sent.
+    generation: AtomicU64,
+    /// QoS 1/2 messages that may still be received before some are acknowledged.
+    window: Semaphore,
+    /// Stop forwarding messages (shutdown): they stay unacknowledged and come back later.
+    draining: CancellationToken,
+    inflight: Arc<AtomicI64>,
+    /// Incoming QoS 2 messages whose PUBREC went out and whose PUBCOMP did not yet.
+    qos2_open: AtomicI64,
+    /// Notified when the broker answers our UNSUBSCRIBE (the shutdown barrier).
+    barrier: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl Source for MqttSource {
+    fn can_acknowledge(&self) -> bool {
+        self.qos != rumqttc::QoS::AtMostOnce
+    }
+
+    async fn run(mut self: Box<Self>, cx: SourceContext) -> Result<(), BoxError> {
+        let SourceContext {
+            name,
+            out,
+            shutdown,
+            metrics,
+        } = cx;
+        let (client, eventloop) = self.connector.client(ClientSettings {
+            clean_session: self.clean_session,
+            manual_acks: true,
+            max_inflight: self.max_inflight,
+            request_capacity: self.max_inflight as usize + 64,
+        });
+        let shared = Arc::new(Shared {
+            generation: AtomicU64::new(0),
+            window: Semaphore::new(self.max_inflight as usize),
+            draining: CancellationToken::new(),
+            inflight: metrics.gauge("inflight"),
+            qos2_open: AtomicI64::new(0),
+            barrier: tokio::sync::Notify::new(),
+        });
+        tracing::info!(
+            source = %name,
+            broker = %self.connector.address(),
+            client_id = %self.connector.client_id(),
+            topics = ?self.filters,
+            "mqtt source starting"
+        );
+
+        let (batch_tx, mut batch_rx) = mpsc::channel::<Incoming>(2);
+        let poller = Poller {
+            name: name.clone(),
+            client: client.clone(),
+            connector: self.connector.clone(),
+            filters: self.filters.clone(),
+            qos: self.qos,
+            batch_size: self.batch_size,
+            shared: shared.clone(),
+            metrics: metrics.clone(),
+            tx: batch_tx,
+        };
+        let mut poller = TaskGuard(Some(tokio::spawn(poller.run(eventloop))));
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Pending>();
+        let mut acker = TaskGuard(Some(tokio::spawn(acknowledge(
+            name.clone(),
+            ack_rx,
+            client.clone(),
+            shared.clone(),
+        ))));
+
+        let source = intern(&name);
+        let mut send_failed = None;
+        loop {
+            let incoming = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                b = batch_rx.recv() => match b {
+                    Some(b) => b,
+                    None => break, // the poller stopped (fatal error): report it below
+                },
+            };
+            let received = now_ns();
+            let mut decoded = Decoded::with_capacity(incoming.messages.len());
+            let mut acks = Vec::new();
+            for m in incoming.messages {
+                if m.qos > 0 {
+                    acks.push((m.qos, m.pkid));
+                }
+                let meta = Meta {
+                    source: Some(source.clone()),
+                    origin: Origin::Mqtt {
+                        topic: Arc::from(m.topic.as_str()),
+                    },
+                    error: None,
+                };
+                decoded.push(&mut self.decoder, m.payload, Some(&m.topic), received, meta);
+            }
+            if !acks.is_empty() {
+                let (finalizer, status) = ack::batch();
+                decoded.attach(&finalizer);
+                finalizer.finish(BatchStatus::Delivered);
+                // Registered before sending so acks keep arrival order.
+                let _ = ack_tx.send(Pending {
+                    generation: incoming.generation,
+                    acks,
+                    status,
+                });
+            }
+            tokio::select! {
+                res = decoded.send(&out) => if let Err(e) = res {
+                    send_failed = Some(e);
+                    break;
+                },
+                _ = shutdown.cancelled() => break,
+            }
+        }
+
+        // Shutdown: stop taking messages, let downstream drain, acknowledge what it delivered.
+        shared.draining.cancel();
+        drop(batch_rx);
+        drop(out);
+        drop(ack_tx);
+        if let Some(Err(e)) = acker.join().await {
+            tracing::error!(source = %name, error = %e, "mqtt acknowledgement task failed");
+        }
+        // Let QoS 2 handshakes finish (PUBREL → PUBCOMP) before saying goodbye: rumqttc 0.25
+        // cannot resume one on a new connection (it rejects the broker's PUBREL).
+        for _ in 0..200 {
+            if shared.qos2_open.load(Ordering::Acquire) <= 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Barrier: an UNSUBSCRIBE round trip (of a filter we never subscribed) proves that the
+        // broker processed our acks. Without it a quick restart can take the session over
+        // before the broker has read them, and it redelivers acknowledged messages.
+        if client
+            .try_unsubscribe(&format!(
+                "sluice/ack-barrier/{}",
+                self.connector.client_id()
+            ))
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(2), shared.barrier.notified()).await;
+        }
+        let _ = client.try_disconnect();
+        let polled = match tokio::time::timeout(Duration::from_secs(5), poller.join()).await {
+            Ok(Some(Ok(r))) => r,
+            Ok(Some(Err(e))) => Err(format!("mqtt poller task failed: {e}")),
+            // Could not say goodbye to the broker: the session is kept anyway.
+            Ok(None) | Err(_) => Ok(()),
+        };
+        metrics.gauge("connected").store(0, Ordering::Relaxed);
+        metrics.gauge("subscribed").store(0, Ordering::Relaxed);
+        tracing::info!(source = %name, "mqtt source stopped");
+        polled.map_err(|e| format!("mqtt source `{name}`: {e}"))?;
+        if let Some(e) = send_failed {
+            return Err(e.into());
+        }
+        Ok(())
+    }
+}
+
+/// Aborts its task when dropped: if the source is aborted (shutdown deadline), its poller and
+/// acknowledgement tasks go with it instead of keeping the connection open.
+struct TaskGuard<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> TaskGuard<T> {
+    async fn join(&mut self) -> Option<Result<T, tokio::task::JoinError>> {
+        match self.0.as_mut() {
+            Some(h) => {
+                let r = h.await;
+                self.0 = None;
+                Some(r)
+            }
+            None => None,
+        }
+    }
+}
+
+impl<T> Drop for TaskGuard<T> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Resolves batch statuses in arrival order and queues their acknowledgements.
+async fn acknowledge(
+    name: String,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    client: sluice_mqtt::Client,
+    shared: Arc<Shared>,
+) {
+    // Generation in which a batch failed: nothing more is acknowledged on that connection.
+    let mut failed_generation = None;
+    while let Some(p) = rx.recv().await {
+        let status = p.status.await;
+        let current = shared.generation.load(Ordering::Acquire);
+        if p.generation == current && failed_generation != Some(current) {
+            if status.is_ackable() {
+                for (qos, pkid) in &p.acks {
+                    if *qos == 2 {
+                        // Open until the poller sees our PUBCOMP go out.
+                        shared.qos2_open.fetch_add(1, Ordering::AcqRel);
+                    }
+                    if let Err(e) = client.try_ack(*qos, *pkid) {
+                        // The event loop is gone (shutdown) or disconnected: the broker will
+                        // redeliver, which is safe.
+                        tracing::debug!(source = %name, error = %e, "ack not queued");
+                    }
+                }
+            } else {
+                tracing::warn!(
+                    source = %name,
+                    messages = p.acks.len(),
+                    "a batch failed downstream; reconnecting so that the broker redelivers it"
+                );
+                failed_generation = Some(current);
+                // The poller turns our own DISCONNECT into a reconnect (session kept).
+                let _ = client.try_disconnect();
+            }
+        }
+        let n = p.acks.len();
+        tracing::trace!(source = %name, messages = n, ?status, generation = p.generation, "batch resolved");
+        shared.inflight.fetch_sub(n as i64, Ordering::Relaxed);
+        shared.window.add_permits(n);
+    }
+}
+
+struct Poller {
+    name: String,
+    client: sluice_mqtt::Client,
+    connector: Connector,
+    filters: Vec<String>,
+    qos: rumqttc::QoS,
+    batch_size: usize,
+    shared: Arc<Shared>,
+    metrics: Arc<ComponentMetrics>,
+    tx: mpsc::Sender<Incoming>,
+}
+
+impl Poller {
+    /// Polls the event loop until shutdown; `Err` on a permanent connection failure before the
+    /// first successful connection (bad certificate, refused credentials).
+    async fn run(self, mut el: EventLoop) -> Result<(), String> {
+        let connected_gauge = self.metrics.gauge("connected");
+        let reconnects = self.metrics.counter("reconnects");
+        let messages = self.metrics.counter("messages");
+        let mut backoff = self.connector.backoff();
+        let mut connected = false;
+        let mut ever_connected = false;
+        let mut failures = 0u64;
+        let mut batch: Vec<Message> = Vec::new();
+        let draining = self.shared.draining.clone();
+        loop {
+            let event = el.poll().await;
+            match event {
+                Ok(Event::Connected { session_present }) => {
+                    connected = true;
+                    connected_gauge.store(1, Ordering::Relaxed);
+                    if ever_connected {
+                        reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ever_connected = true;
+                    failures = 0;
+                    backoff.reset();
+                    tracing::info!(
+                        source = %self.name,
+                        broker = %self.connector.address(),
+                        session_present,
+                        "mqtt connected"
+                    );
+                    // Subscribing again on a resumed session is harmless and covers a broker
+                    // that lost the session.
+                    if let Err(e) = self.client.try_subscribe(&self.filters, self.qos) {
+                        return Err(format!("cannot queue SUBSCRIBE: {e}"));
+                    }
+                }
+                Ok(Event::SubAck { refused }) => {
+                    if !refused.is_empty() {
+                        let names: Vec<&String> = refused
+                            .iter()
+                            .filter_map(|i| self.filters.get(*i))
+                            .collect();
+                        return Err(format!(
+                            "the broker refused the subscription to {names:?} (ACL, invalid filter or unsupported shared subscription)"
+                        ));
+                    }
+                    self.metrics.gauge("subscribed").store(1, Ordering::Relaxed);
+                    tracing::debug!(source = %self.name, "subscribed");
+                }
+                Ok(Event::Publish(m)) => {
+                    if draining.is_cancelled() {
+                        // Left unacknowledged: redelivered on the next connection.
+                        continue;
+                    }
+                    messages.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.add_bytes(m.payload.len());
+                    let needs_ack = m.qos > 0;
+                    batch.push(m);
+                    if needs_ack {
+                        self.shared.inflight.fetch_add(1, Ordering::Relaxed);
+                        match self.shared.window.try_acquire() {
+                            Ok(p) => p.forget(),
+                            Err(_) => {
+                                // Window full: hand over what we have and wait for acks.
+                                self.flush(&mut batch).await;
+                                tokio::select! {
+                                    p = self.shared.window.acquire() => if let Ok(p) = p { p.forget() },
+                                    _ = draining.cancelled() => {}
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(Event::UnsubAck) => self.shared.barrier.notify_one(),
+                Ok(Event::PubCompSent(_)) => {
+                    self.shared.qos2_open.fetch_sub(1, Ordering::AcqRel);
+                }
+                Ok(Event::DisconnectSent) => {
+                    if draining.is_cancelled() {
+                        return Ok(());
+                    }
+                    // Requested by the acknowledgement task after a failed batch.
+                    self.flush(&mut batch).await;
+                    el.drop_connection();
+                    self.lost(
+                        &mut connected,
+                        "disconnected to get failed messages redelivered",
+                    );
+                }
+                Ok(Event::DisconnectReceived(reason)) => {
+                    tracing::warn!(source = %self.name, reason, "the broker sent DISCONNECT");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.shared.qos2_open.store(0, Ordering::Release);
+                    if draining.is_cancelled() {
+                        return Ok(());
+                    }
+                    self.flush(&mut batch).await;
+                    if !ever_connected && e.permanent {
+                        return Err(format!(
+                            "cannot connect to {}: {}",
+                            self.connector.address(),
+                            e.message
+                        ));
+                    }
+                    if connected {
+                        self.lost(&mut connected, &e.message);
+                    } else if failures == 0 {
+                        tracing::warn!(
+                            source = %self.name,
+                            broker = %self.connector.address(),
+                            error = %e,
+                            "mqtt cannot connect; retrying with backoff"
+                        );
+                    } else {
+                        tracing::debug!(source = %self.name, error = %e, failures, "mqtt connect failed");
+                    }
+                    failures += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = draining.cancelled() => return Ok(()),
+                    }
+                }
+            }
+            // Hand over a whole read at a time: flush when rumqttc has nothing more buffered
+            // (its next poll would wait for the network) or the batch is full.
+            if !batch.is_empty() && (batch.len() >= self.batch_size || !el.has_buffered_events()) {
+                self.flush(&mut batch).await;
+            }
+        }
+    }
+
+    fn lost(&self, connected: &mut bool, why: &str) {
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        self.metrics.gauge("subscribed").store(0, Ordering::Relaxed);
+        if *connected {
+            *connected = false;
+            self.metrics.gauge("connected").store(0, Ordering::Relaxed);
+            tracing::warn!(source = %self.name, broker = %self.connector.address(), reason = why, "mqtt disconnected; reconnecting");
+        }
+    }
+
+    /// Hands the batch to the source task; waits while it is busy (backpressure).
+    async fn flush(&self, batch: &mut Vec<Message>) {
+        if batch.is_empty() {
+            return;
+        }
+        let incoming = Incoming {
+            generation: self.shared.generation.load(Ordering::Acquire),
+            messages: std::mem::replace(batch, Vec::with_capacity(self.batch_size.min(1024))),
+        };
+        tokio::select! {
+            // A send error means the source task stopped: the messages stay unacknowledged.
+            _ = self.tx.send(incoming) => {}
+            _ = self.shared.draining.cancelled() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<MqttSourceConfig, toml::de::Error> {
+        toml::from_str(toml_text)
+    }
+
+    #[test]
+    fn flattened_connection_options_and_unknown_keys() {
+        let c = parse(
+            r#"url = "mqtt://127.0.0.1:1883"
+               protocol = "v3.1.1"
+               topics = ["devices/+/data"]
+               tls = { ca_file = "ca.pem" }"#,
+        )
+        .expect("valid");
+        assert_eq!(c.connection.protocol, Protocol::V311);
+        assert_eq!(c.qos, 1);
+        let err = parse(
+            r#"url = "mqtt://x"
+               topcis = ["a"]"#,
+        )
+        .expect_err("typo");
+        assert!(err.to_string().contains("topcis"), "{err}");
+    }
+
+    #[test]
+    fn filters_default_to_the_topic_pattern_and_get_shared() {
+        let mut c = MqttSourceConfig::new("mqtt://x", &[]);
+        assert!(c.filters().is_err());
+        c.decode.topic_pattern = Some("mtic/msg/client/realtime/{tenant_id}/{project_id}/#".into());
+        assert_eq!(
+            c.filters().expect("ok"),
+            vec!["mtic/msg/client/realtime/+/+/#".to_string()]
+        );
+        c.shared_group = Some("g1".into());
+        assert_eq!(
+            c.filters().expect("ok"),
+            vec!["$share/g1/mtic/msg/client/realtime/+/+/#".to_string()]
+        );
+        c.topics = vec!["a/#/b".into()];
+        assert!(c.filters().is_err());
+        c.topics = vec!["a/b+".into()];
+        assert!(c.filters().is_err());
+    }
+}
