@@ -463,3 +463,166 @@ max_records = 300
     );
     assert_eq!(rows, vec![vec!["3000".to_string(), "5".to_string()]]);
 }
+
+mod ack_probe {
+    //! A source that acknowledges: for each of its batches it records the final status and the
+    //! set of files visible in the lake at the moment the status arrived.
+
+    use std::collections::BTreeSet;
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use schemars::JsonSchema;
+    use serde::{Deserialize, Serialize};
+    use sluice_core::ack::{self, BatchStatus, Finalizers};
+    use sluice_core::record::{Batch, Record, Value};
+    use sluice_core::registry::{BuildContext, SourceConfig};
+    use sluice_core::source::{Source, SourceContext};
+    use sluice_core::BoxError;
+
+    /// (batch number, status, visible files when the status arrived).
+    pub static SEEN: Mutex<Vec<(u64, BatchStatus, BTreeSet<String>)>> = Mutex::new(Vec::new());
+
+    #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    pub struct ProbeConfig {
+        /// Batches to send.
+        pub batches: u64,
+        /// Records per batch.
+        pub size: u64,
+        /// The lake directory to list when a status arrives.
+        pub lake: PathBuf,
+    }
+
+    #[async_trait]
+    impl SourceConfig for ProbeConfig {
+        async fn build(&self, _cx: &BuildContext) -> Result<Box<dyn Source>, BoxError> {
+            Ok(Box::new(self.clone()))
+        }
+    }
+
+    #[async_trait]
+    impl Source for ProbeConfig {
+        fn can_acknowledge(&self) -> bool {
+            true
+        }
+
+        async fn run(self: Box<Self>, cx: SourceContext) -> Result<(), BoxError> {
+            let mut waiters = Vec::new();
+            for b in 0..self.batches {
+                let (f, status) = ack::batch();
+                let records = (0..self.size)
+                    .map(|i| {
+                        let seq = (b * self.size + i) as i64;
+                        let mut r = Record::new(1_772_323_200_000_000_000 + seq * 1_000_000);
+                        r.set_tag("device_id", format!("d{}", b % 4).as_str());
+                        r.set_field("seq", Value::I64(seq));
+                        r.finalizers = Finalizers::one(f.clone());
+                        r
+                    })
+                    .collect();
+                f.finish(BatchStatus::Delivered);
+                cx.out.send(Batch::new(records)).await?;
+                let lake = self.lake.clone();
+                waiters.push(tokio::spawn(async move {
+                    let s = status.await;
+                    let visible = super::files_under(&lake)
+                        .into_iter()
+                        .map(|p| p.to_string_lossy().to_string())
+                        .filter(|n| n.ends_with(".parquet"))
+                        .collect();
+                    SEEN.lock().expect("lock").push((b, s, visible));
+                }));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            drop(cx.out);
+            for w in waiters {
+                w.await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A source's batch is acknowledged only once every one of its records is in a complete,
+/// visible file: at the moment each status arrives, the files then visible already hold the
+/// whole batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_only_when_the_file_is_complete() {
+    use sluice_core::ack::BatchStatus;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lake = dir.path().join("lake");
+    std::fs::create_dir_all(&lake).expect("mkdir");
+    let toml = format!(
+        r#"
+[sources.probe]
+type = "probe"
+batches = 200
+size = 50
+lake = "{0}"
+
+[sinks.lake]
+type = "parquet"
+inputs = ["probe"]
+destination = "{0}"
+key = "device={{device_id}}/"
+max_records = 700
+max_age = "300ms"
+batch = {{ max_records = 100, max_age = "20ms" }}
+"#,
+        lake.display()
+    );
+    let mut registry = sluice_core::registry::Registry::new();
+    registry.source::<ack_probe::ProbeConfig>("probe");
+    sluice_sinks::register(&mut registry);
+    let config = sluice_core::config::parse_str(&toml, Path::new("ack.toml")).expect("parses");
+    sluice_core::topology::run(
+        config,
+        &registry,
+        &sluice_core::metrics::Metrics::new(),
+        None,
+    )
+    .await
+    .expect("runs");
+
+    let seen = std::mem::take(&mut *ack_probe::SEEN.lock().expect("lock"));
+    assert_eq!(seen.len(), 200);
+    // seq → file (relative path) from an independent reader.
+    let rows = duckdb(
+        &format!(
+            "SELECT seq, filename FROM read_parquet('{}/**/*.parquet', filename = true)",
+            lake.display()
+        ),
+        false,
+    );
+    assert_eq!(rows.len(), 10_000);
+    let prefix = format!("{}/", lake.display());
+    let file_of: std::collections::HashMap<i64, String> = rows
+        .into_iter()
+        .map(|r| {
+            (
+                r[0].parse().expect("seq"),
+                r[1].trim_start_matches(&prefix).to_string(),
+            )
+        })
+        .collect();
+    let mut acked_while_running = 0;
+    for (b, status, visible) in &seen {
+        assert_eq!(*status, BatchStatus::Delivered, "batch {b}");
+        for seq in (b * 50)..(b * 50 + 50) {
+            let file = &file_of[&(seq as i64)];
+            assert!(
+                visible.contains(file),
+                "batch {b} acknowledged before {file} (holding seq {seq}) was complete"
+            );
+        }
+        if visible.len() < files_under(&lake).len() {
+            acked_while_running += 1;
+        }
+    }
+    // Files closed by max_records / max_age during the run acknowledged their batches then,
+    // not only at shutdown.
+    assert!(acked_while_running > 0);
+}
