@@ -29,9 +29,11 @@
 //! **Flow control.** At most `max_inflight` QoS 1/2 messages are unacknowledged at a time; a v5
 //! broker is told so (Receive Maximum). A v3.1.1 broker uses its own limit (mosquitto:
 //! `max_inflight_messages`, default 20, which caps throughput at 20 / delivery latency: raise it
-//! on the broker). When downstream is full the poller stops reading the socket, so memory stays
-//! flat and TCP pushes back on the broker. Also set mosquitto's `max_queued_messages` high (or
-//! 0): by default it drops messages beyond 1000 queued for a slow or offline client.
+//! on the broker). QoS 0 messages count against the same window until they are sent downstream.
+//! When the window is full (downstream is slow) the poller stops reading the socket, so memory
+//! stays flat and TCP pushes back on the broker; it never waits for anything else, so acks and
+//! keep-alives still go out. Also set mosquitto's `max_queued_messages` high (or 0): by default
+//! it drops messages beyond 1000 queued for a slow or offline client.
 //!
 //! **Metrics**: `connected` (0/1), `subscribed` (0/1, after the SUBACK), `reconnects`,
 //! `messages`, `inflight` (QoS 1/2 messages not yet acknowledged), and the standard `bytes`.
@@ -81,8 +83,9 @@ pub struct MqttSourceConfig {
     /// Default: none.
     #[serde(default)]
     pub shared_group: Option<String>,
-    /// Most QoS 1/2 messages received and not yet acknowledged (bounds memory; sent to v5
-    /// brokers as Receive Maximum, at most 65535). Default 10000.
+    /// Most messages held at once: QoS 1/2 messages until acknowledged, QoS 0 messages until
+    /// sent downstream (bounds memory; sent to v5 brokers as Receive Maximum, at most 65535).
+    /// Default 10000.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
     /// Most messages per batch sent downstream. Default 1000.
@@ -218,7 +221,10 @@ struct Pending {
 struct Shared {
     /// Bumped at every lost connection: acks of older generations are never sent.
     generation: AtomicU64,
-    /// QoS 1/2 messages that may still be received before some are acknowledged.
+    /// Messages that may still be received: QoS 1/2 messages hold their permit until they are
+    /// acknowledged, QoS 0 messages until they are sent downstream. Bounds memory; when it is
+    /// exhausted the poller stops reading. The poller never waits for anything else, so acks
+    /// and keep-alives keep flowing while downstream is slow.
     window: Semaphore,
     /// Stop forwarding messages (shutdown): they stay unacknowledged and come back later.
     draining: CancellationToken,
@@ -264,7 +270,8 @@ impl Source for MqttSource {
             "mqtt source starting"
         );
 
-        let (batch_tx, mut batch_rx) = mpsc::channel::<Incoming>(2);
+        // Unbounded, but never holds more than `max_inflight` messages (the window).
+        let (batch_tx, mut batch_rx) = mpsc::unbounded_channel::<Incoming>();
         let poller = Poller {
             name: name.clone(),
             client: client.clone(),
@@ -299,6 +306,7 @@ impl Source for MqttSource {
             let received = now_ns();
             let mut decoded = Decoded::with_capacity(incoming.messages.len());
             let mut acks = Vec::new();
+            let count = incoming.messages.len();
             for m in incoming.messages {
                 if m.qos > 0 {
                     acks.push((m.qos, m.pkid));
@@ -312,6 +320,7 @@ impl Source for MqttSource {
                 };
                 decoded.push(&mut self.decoder, m.payload, Some(&m.topic), received, meta);
             }
+            let qos0 = count - acks.len();
             if !acks.is_empty() {
                 let (finalizer, status) = ack::batch();
                 decoded.attach(&finalizer);
@@ -330,6 +339,7 @@ impl Source for MqttSource {
                 },
                 _ = shutdown.cancelled() => break,
             }
+            shared.window.add_permits(qos0);
         }
 
         // Shutdown: stop taking messages, let downstream drain, acknowledge what it delivered.
@@ -455,7 +465,7 @@ struct Poller {
     batch_size: usize,
     shared: Arc<Shared>,
     metrics: Arc<ComponentMetrics>,
-    tx: mpsc::Sender<Incoming>,
+    tx: mpsc::UnboundedSender<Incoming>,
 }
 
 impl Poller {
@@ -515,19 +525,21 @@ impl Poller {
                     }
                     messages.fetch_add(1, Ordering::Relaxed);
                     self.metrics.add_bytes(m.payload.len());
-                    let needs_ack = m.qos > 0;
-                    batch.push(m);
-                    if needs_ack {
+                    if m.qos > 0 {
                         self.shared.inflight.fetch_add(1, Ordering::Relaxed);
-                        match self.shared.window.try_acquire() {
-                            Ok(p) => p.forget(),
-                            Err(_) => {
-                                // Window full: hand over what we have and wait for acks.
-                                self.flush(&mut batch).await;
-                                tokio::select! {
-                                    p = self.shared.window.acquire() => if let Ok(p) = p { p.forget() },
-                                    _ = draining.cancelled() => {}
-                                }
+                    }
+                    batch.push(m);
+                    match self.shared.window.try_acquire() {
+                        Ok(p) => p.forget(),
+                        Err(_) => {
+                            // Window full: hand over what we have and wait for acks (or for
+                            // downstream to take QoS 0 messages). Acks queued meanwhile are
+                            // sent as soon as polling resumes, which the released permits
+                            // trigger.
+                            self.flush(&mut batch);
+                            tokio::select! {
+                                p = self.shared.window.acquire() => if let Ok(p) = p { p.forget() },
+                                _ = draining.cancelled() => {}
                             }
                         }
                     }
@@ -541,7 +553,7 @@ impl Poller {
                         return Ok(());
                     }
                     // Requested by the acknowledgement task after a failed batch.
-                    self.flush(&mut batch).await;
+                    self.flush(&mut batch);
                     el.drop_connection();
                     self.lost(
                         &mut connected,
@@ -557,7 +569,7 @@ impl Poller {
                     if draining.is_cancelled() {
                         return Ok(());
                     }
-                    self.flush(&mut batch).await;
+                    self.flush(&mut batch);
                     if !ever_connected && e.permanent {
                         return Err(format!(
                             "cannot connect to {}: {}",
@@ -587,7 +599,7 @@ impl Poller {
             // Hand over a whole read at a time: flush when rumqttc has nothing more buffered
             // (its next poll would wait for the network) or the batch is full.
             if !batch.is_empty() && (batch.len() >= self.batch_size || !el.has_buffered_events()) {
-                self.flush(&mut batch).await;
+                self.flush(&mut batch);
             }
         }
     }
@@ -602,8 +614,8 @@ impl Poller {
         }
     }
 
-    /// Hands the batch to the source task; waits while it is busy (backpressure).
-    async fn flush(&self, batch: &mut Vec<Message>) {
+    /// Hands the batch to the source task (never waits: the window bounds what is queued).
+    fn flush(&self, batch: &mut Vec<Message>) {
         if batch.is_empty() {
             return;
         }
@@ -611,11 +623,8 @@ impl Poller {
             generation: self.shared.generation.load(Ordering::Acquire),
             messages: std::mem::replace(batch, Vec::with_capacity(self.batch_size.min(1024))),
         };
-        tokio::select! {
-            // A send error means the source task stopped: the messages stay unacknowledged.
-            _ = self.tx.send(incoming) => {}
-            _ = self.shared.draining.cancelled() => {}
-        }
+        // A send error means the source task stopped: the messages stay unacknowledged.
+        let _ = self.tx.send(incoming);
     }
 }
 
