@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::Rng;
 use rumqttc::v5;
+pub use rumqttc::QoS;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_core::config::{ByteSize, HumanDuration};

@@ -3,6 +3,7 @@
 pub mod blackhole;
 pub mod console;
 pub mod file;
+pub mod mqtt;
 pub mod parquet;
 pub mod s3;
 
@@ -14,5 +15,6 @@ pub fn register(registry: &mut Registry) {
         .sink::<console::ConsoleConfig>("console")
         .sink::<file::FileSinkConfig>("file")
         .sink::<blackhole::BlackholeConfig>("blackhole")
-        .sink::<parquet::ParquetSinkConfig>("parquet");
+        .sink::<parquet::ParquetSinkConfig>("parquet")
+        .sink::<mqtt::MqttSinkConfig>("mqtt");
 }

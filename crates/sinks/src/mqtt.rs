@@ -1,0 +1,556 @@
+//! `mqtt` sink: publishes records to a templated topic (anomaly alerts back to devices or
+//! dashboards, MQTT → MQTT bridges).
+//!
+//! ```toml
+//! [sinks.alerts]
+//! type = "mqtt"
+//! inputs = ["threshold"]
+//! url = "mqtt://127.0.0.1:1883"
+//! topic = "alerts/{device_id}"
+//! qos = 1
+//! ```
+//!
+//! `{name}` in `topic` is replaced by the record's tag `name` (or, failing that, its field).
+//! A record is acknowledged when the broker confirms it: PUBACK at QoS 1, PUBCOMP at QoS 2,
+//! and once written to the socket at QoS 0. Records whose topic or payload cannot be built go
+//! to the sink's `dead_letter` output.
+//!
+//! The sink uses a clean session and keeps every unconfirmed publish itself: after a
+//! reconnect it publishes them again on the new connection (at-least-once; a message the
+//! broker had already received before the connection dropped arrives twice).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Number, Value as Json};
+use sluice_core::ack::{BatchStatus, Finalizers};
+use sluice_core::config::HumanDuration;
+use sluice_core::json;
+use sluice_core::metrics::ComponentMetrics;
+use sluice_core::record::{Record, Value};
+use sluice_core::registry::{BuildContext, SinkConfig};
+use sluice_core::sink::{BatchConfig, Sink, SinkContext, SinkInput};
+use sluice_core::BoxError;
+use sluice_mqtt::{ClientSettings, ConnectionConfig, Connector, Event, QoS};
+use tokio::sync::mpsc;
+
+pub use sluice_mqtt::{Protocol, TlsConfig};
+
+/// Payload written for each record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// A flat JSON object: `ts` (ms since the epoch), the tags and the fields; what the `mqtt`
+    /// source's `json` codec reads back (with `tags = [...]`).
+    #[default]
+    Json,
+    /// Sluice's record JSON (time, tags, fields, source, topic), as the `file` sink writes.
+    Record,
+    /// The record's raw payload as received (bridges); records without one are dead-lettered.
+    Raw,
+}
+
+/// Publishes records to an MQTT broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSinkConfig {
+    #[serde(flatten)]
+    pub connection: ConnectionConfig,
+    /// Topic template: `{name}` becomes the record's tag (or field) `name`, e.g.
+    /// "alerts/{device_id}". Required.
+    pub topic: String,
+    /// QoS of the publishes: 0, 1 (default) or 2.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Publish with the retain flag (the broker keeps the last message per topic for new
+    /// subscribers). Default false.
+    #[serde(default)]
+    pub retain: bool,
+    /// Payload: "json" (flat object, default), "record" (sluice record JSON) or "raw".
+    #[serde(default)]
+    pub format: Format,
+    /// Most publishes awaiting the broker's confirmation. Default 1000.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Batching of the input. Default: 1000 records / 10MiB / "10ms".
+    #[serde(default = "default_batch")]
+    pub batch: BatchConfig,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+fn default_max_inflight() -> u16 {
+    1000
+}
+fn default_batch() -> BatchConfig {
+    BatchConfig {
+        max_age: HumanDuration(Duration::from_millis(10)),
+        ..BatchConfig::default()
+    }
+}
+
+impl MqttSinkConfig {
+    /// A sink publishing to `topic` on broker `url`, other options at their defaults.
+    pub fn new(url: &str, topic: &str) -> Self {
+        MqttSinkConfig {
+            connection: ConnectionConfig::new(url),
+            topic: topic.to_string(),
+            qos: default_qos(),
+            retain: false,
+            format: Format::default(),
+            max_inflight: default_max_inflight(),
+            batch: default_batch(),
+        }
+    }
+}
+
+#[async_trait]
+impl SinkConfig for MqttSinkConfig {
+    async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Sink>, BoxError> {
+        if self.connection.clean_session == Some(false) {
+            return Err("`clean_session = false` is not supported by the mqtt sink: it re-sends unconfirmed messages itself after a reconnect".into());
+        }
+        let connector = Connector::new(&self.connection, &cx.pipeline_id, &cx.name)?;
+        let qos = sluice_mqtt::qos(self.qos)?;
+        let topic = TopicTemplate::new(&self.topic)?;
+        if self.max_inflight == 0 {
+            return Err("`max_inflight` must be at least 1".into());
+        }
+        Ok(Box::new(MqttSink {
+            connector,
+            topic,
+            qos,
+            retain: self.retain,
+            format: self.format,
+            max_inflight: self.max_inflight,
+            batch: self.batch,
+        }))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(String),
+    Name(String),
+}
+
+/// A compiled topic template.
+#[derive(Debug, Clone, PartialEq)]
+struct TopicTemplate {
+    source: String,
+    parts: Vec<Part>,
+}
+
+impl TopicTemplate {
+    fn new(template: &str) -> Result<Self, String> {
+        if template.is_empty() {
+            return Err("`topic` must not be empty".into());
+        }
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].to_string()));
+            }
+            let after = &rest[open + 1..];
+            let close = after
+                .find('}')
+                .ok_or_else(|| format!("`topic` = {template:?}: unclosed `{{`"))?;
+            let name = &after[..close];
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
+            {
+                return Err(format!(
+                    "`topic` = {template:?}: invalid placeholder `{{{name}}}`"
+                ));
+            }
+            parts.push(Part::Name(name.to_string()));
+            rest = &after[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_string()));
+        }
+        for p in &parts {
+            if let Part::Text(t) = p {
+                if t.contains(['+', '#', '}']) {
+                    return Err(format!(
+                        "`topic` = {template:?}: a topic name cannot contain `+`, `#` or a stray `}}`"
+                    ));
+                }
+            }
+        }
+        Ok(TopicTemplate {
+            source: template.to_string(),
+            parts,
+        })
+    }
+
+    fn render(&self, r: &Record) -> Result<String, String> {
+        let mut out = String::with_capacity(self.source.len() + 16);
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.push_str(t),
+                Part::Name(n) => {
+                    let value = match (r.tag(n), r.field(n)) {
+                        (Some(t), _) => t.to_string(),
+                        (None, Some(v @ (Value::Str(_) | Value::I64(_) | Value::Bool(_)))) => {
+                            v.to_string()
+                        }
+                        _ => {
+                            return Err(format!(
+                                "topic {:?}: the record has no tag or string/integer field `{n}`",
+                                self.source
+                            ))
+                        }
+                    };
+                    if value.is_empty() || value.contains(['+', '#', '\0']) {
+                        return Err(format!(
+                            "topic {:?}: `{n}` = {value:?} cannot be part of a topic name",
+                            self.source
+                        ));
+                    }
+                    out.push_str(&value);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn field_json(v: &Value) -> Json {
+    match v {
+        Value::F64(f) => Number::from_f64(*f).map(Json::Number).unwrap_or(Json::Null),
+        Value::I64(i) => Json::Number((*i).into()),
+        Value::Bool(b) => Json::Bool(*b),
+        Value::Str(s) => Json::String(s.to_string()),
+        Value::Null => Json::Null,
+    }
+}
+
+fn payload(format: Format, r: &Record) -> Result<Bytes, String> {
+    match format {
+        Format::Raw => r
+            .payload
+            .clone()
+            .ok_or_else(|| "the record has no raw payload (use format = \"json\")".to_string()),
+        Format::Record => serde_json::to_vec(&json::to_json(r))
+            .map(Bytes::from)
+            .map_err(|e| e.to_string()),
+        Format::Json => {
+            let mut obj = Map::with_capacity(1 + r.tags.len() + r.fields.len());
+            obj.insert("ts".into(), Json::Number((r.time / 1_000_000).into()));
+            for (k, v) in &r.tags {
+                obj.insert(k.to_string(), Json::String(v.to_string()));
+            }
+            for (k, v) in &r.fields {
+                obj.insert(k.to_string(), field_json(v));
+            }
+            serde_json::to_vec(&Json::Object(obj))
+                .map(Bytes::from)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+struct MqttSink {
+    connector: Connector,
+    topic: TopicTemplate,
+    qos: QoS,
+    retain: bool,
+    format: Format,
+    max_inflight: u16,
+    batch: BatchConfig,
+}
+
+/// What the poller tells the sink task.
+enum Signal {
+    Connected(sluice_mqtt::Client),
+    /// The publish queued `n`-th on this connection went out with packet id `pkid`.
+    Sent(u16),
+    /// The broker confirmed packet id `pkid`.
+    Confirmed(u16),
+    Lost,
+    Fatal(String),
+}
+
+/// A publish waiting for the broker's confirmation.
+struct Unconfirmed {
+    topic: String,
+    payload: Bytes,
+    finalizers: Finalizers,
+}
+
+#[async_trait]
+impl Sink for MqttSink {
+    async fn run(self: Box<Self>, mut input: SinkInput, cx: SinkContext) -> Result<(), BoxError> {
+        let settings = ClientSettings {
+            clean_session: true,
+            manual_acks: false,
+            max_inflight: self.max_inflight,
+            request_capacity: self.max_inflight as usize + 16,
+        };
+        let (signal_tx, mut signals) = mpsc::unbounded_channel();
+        let poller = Poller {
+            name: cx.name.clone(),
+            connector: self.connector.clone(),
+            settings,
+            qos: self.qos,
+            metrics: cx.metrics.clone(),
+            tx: signal_tx,
+        };
+        let poller = AbortOnDrop(tokio::spawn(poller.run()));
+        // Batches come through a channel so that waiting for one can be cancelled safely.
+        let (batch_tx, mut batches) = mpsc::channel(1);
+        let batch_config = self.batch;
+        let reader = AbortOnDrop(tokio::spawn(async move {
+            while let Some(b) = input.next_batch(&batch_config).await {
+                if batch_tx.send(b).await.is_err() {
+                    break;
+                }
+            }
+        }));
+
+        let mut client: Option<sluice_mqtt::Client> = None;
+        let mut next_seq = 0u64;
+        let mut unconfirmed: BTreeMap<u64, Unconfirmed> = BTreeMap::new();
+        // Publishes queued on the current connection, in order, until rumqttc assigns their ids.
+        let mut queued: VecDeque<u64> = VecDeque::new();
+        let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+        let mut input_open = true;
+        let max = self.max_inflight as usize;
+        let result: Result<(), BoxError> = loop {
+            if !input_open && unconfirmed.is_empty() {
+                break Ok(());
+            }
+            let can_take = input_open && client.is_some() && unconfirmed.len() < max;
+            tokio::select! {
+                signal = signals.recv() => match signal {
+                    Some(Signal::Connected(c)) => {
+                        // Everything unconfirmed goes out again on the new connection.
+                        queued.clear();
+                        by_pkid.clear();
+                        for (seq, u) in &unconfirmed {
+                            if c.try_publish(u.topic.clone(), self.qos, self.retain, u.payload.clone()).is_ok() {
+                                queued.push_back(*seq);
+                            }
+                        }
+                        client = Some(c);
+                    }
+                    Some(Signal::Sent(pkid)) => {
+                        if let Some(seq) = queued.pop_front() {
+                            if self.qos == QoS::AtMostOnce {
+                                if let Some(u) = unconfirmed.remove(&seq) {
+                                    cx.metrics.add_out(1);
+                                    u.finalizers.finish(BatchStatus::Delivered);
+                                }
+                            } else {
+                                by_pkid.insert(pkid, seq);
+                            }
+                        }
+                    }
+                    Some(Signal::Confirmed(pkid)) => {
+                        if let Some(u) = by_pkid.remove(&pkid).and_then(|seq| unconfirmed.remove(&seq)) {
+                            cx.metrics.add_out(1);
+                            u.finalizers.finish(BatchStatus::Delivered);
+                        }
+                    }
+                    Some(Signal::Lost) => client = None,
+                    Some(Signal::Fatal(e)) => break Err(format!("mqtt sink `{}`: {e}", cx.name).into()),
+                    None => break Err(format!("mqtt sink `{}`: connection task stopped", cx.name).into()),
+                },
+                batch = batches.recv(), if can_take => match batch {
+                    None => input_open = false,
+                    Some(mut batch) => {
+                        let Some(c) = client.as_ref() else { continue };
+                        let mut rejected: Vec<(Record, String)> = Vec::new();
+                        for mut r in batch.records.drain(..) {
+                            let built = self.topic.render(&r).and_then(|t| payload(self.format, &r).map(|p| (t, p)));
+                            match built {
+                                Err(e) => rejected.push((r, e)),
+                                Ok((topic, payload)) => {
+                                    cx.metrics.add_bytes(payload.len());
+                                    let seq = next_seq;
+                                    next_seq += 1;
+                                    if c.try_publish(topic.clone(), self.qos, self.retain, payload.clone()).is_ok() {
+                                        queued.push_back(seq);
+                                    }
+                                    // (If the connection just went away, the publish is sent
+                                    // again after the reconnect.)
+                                    unconfirmed.insert(seq, Unconfirmed {
+                                        topic,
+                                        payload,
+                                        finalizers: std::mem::take(&mut r.finalizers),
+                                    });
+                                }
+                            }
+                        }
+                        for (r, reason) in rejected {
+                            cx.reject(vec![r], &reason).await;
+                        }
+                    }
+                },
+            }
+            cx.metrics
+                .gauge("inflight")
+                .store(unconfirmed.len() as i64, Ordering::Relaxed);
+        };
+        drop(reader);
+        if let Some(c) = &client {
+            let _ = c.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(2), poller.join()).await;
+        }
+        // Anything still unconfirmed (fatal error) is dropped: its finalizers report Errored.
+        drop(unconfirmed);
+        result
+    }
+}
+
+/// Aborts the task when dropped (the sink was aborted or failed).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(&self) {
+        while !self.0.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Poller {
+    name: String,
+    connector: Connector,
+    settings: ClientSettings,
+    qos: QoS,
+    metrics: Arc<ComponentMetrics>,
+    tx: mpsc::UnboundedSender<Signal>,
+}
+
+impl Poller {
+    /// One fresh client per connection: requests queued on a lost connection die with it, and
+    /// the sink task re-sends what is unconfirmed on the next one.
+    async fn run(self) {
+        let connected = self.metrics.gauge("connected");
+        let reconnects = self.metrics.counter("reconnects");
+        let mut backoff = self.connector.backoff();
+        let mut ever_connected = false;
+        let mut failures = 0u64;
+        loop {
+            let (client, mut el) = self.connector.client(self.settings);
+            let mut up = false;
+            loop {
+                match el.poll().await {
+                    Ok(Event::Connected { .. }) => {
+                        up = true;
+                        connected.store(1, Ordering::Relaxed);
+                        if ever_connected {
+                            reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ever_connected = true;
+                        failures = 0;
+                        backoff.reset();
+                        tracing::info!(sink = %self.name, broker = %self.connector.address(), "mqtt connected");
+                        if self.tx.send(Signal::Connected(client.clone())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::PublishSent(pkid)) => {
+                        let _ = self.tx.send(Signal::Sent(pkid));
+                    }
+                    Ok(Event::PubAck(pkid)) if self.qos == QoS::AtLeastOnce => {
+                        let _ = self.tx.send(Signal::Confirmed(pkid));
+                    }
+                    Ok(Event::PubComp(pkid)) if self.qos == QoS::ExactlyOnce => {
+                        let _ = self.tx.send(Signal::Confirmed(pkid));
+                    }
+                    Ok(Event::DisconnectSent) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        if !ever_connected && e.permanent {
+                            let _ = self.tx.send(Signal::Fatal(format!(
+                                "cannot connect to {}: {}",
+                                self.connector.address(),
+                                e.message
+                            )));
+                            return;
+                        }
+                        if up {
+                            connected.store(0, Ordering::Relaxed);
+                            tracing::warn!(sink = %self.name, broker = %self.connector.address(), error = %e, "mqtt disconnected; reconnecting");
+                            if self.tx.send(Signal::Lost).is_err() {
+                                return;
+                            }
+                        } else if failures == 0 {
+                            tracing::warn!(sink = %self.name, broker = %self.connector.address(), error = %e, "mqtt cannot connect; retrying with backoff");
+                        }
+                        failures += 1;
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        let mut r = Record::new(1_764_000_000_123_000_000);
+        r.set_tag("device_id", "dev-7");
+        r.set_field("temp", Value::F64(31.5));
+        r.set_field("zone", Value::Str("b".into()));
+        r
+    }
+
+    #[test]
+    fn topic_templates() {
+        let t = TopicTemplate::new("alerts/{device_id}/{zone}").expect("valid");
+        assert_eq!(t.render(&record()).expect("renders"), "alerts/dev-7/b");
+        let missing = TopicTemplate::new("alerts/{site}").expect("valid");
+        assert!(missing
+            .render(&record())
+            .expect_err("no site")
+            .contains("`site`"));
+        assert!(TopicTemplate::new("alerts/{device_id").is_err());
+        assert!(TopicTemplate::new("alerts/+").is_err());
+        assert!(TopicTemplate::new("").is_err());
+        let mut bad = record();
+        bad.set_tag("device_id", "a+b");
+        assert!(t.render(&bad).is_err());
+    }
+
+    #[test]
+    fn flat_json_payload() {
+        let p = payload(Format::Json, &record()).expect("json");
+        let v: Json = serde_json::from_slice(&p).expect("valid json");
+        assert_eq!(v["ts"], 1_764_000_000_123i64);
+        assert_eq!(v["device_id"], "dev-7");
+        assert_eq!(v["temp"], 31.5);
+        assert!(payload(Format::Raw, &record()).is_err());
+    }
+
+    #[test]
+    fn config_rejects_unknown_keys() {
+        let err =
+            toml::from_str::<MqttSinkConfig>("url = \"mqtt://x\"\ntopic = \"a\"\nretian = true")
+                .expect_err("typo");
+        assert!(err.to_string().contains("retian"), "{err}");
+    }
+}
