@@ -92,11 +92,15 @@ moto_install() {
 
 moto_start() {
   moto_install
-  if port_open 5000; then log "moto already listening on 5000"; return 0; fi
-  # setsid: the server outlives this script and is not killed with the caller's process group.
-  setsid "$VENV/bin/moto_server" -H 127.0.0.1 -p 5000 >> "$DIR/moto.log" 2>&1 < /dev/null &
+  if port_open 5000 && port_open 5001; then log "moto already listening on 5000 (+5001)"; return 0; fi
+  if port_open 5000; then log "moto on 5000 lacks the Timestream read-back port 5001: restarting it"; moto_stop; fi
+  # scripts/moto_server.py: moto in-process, plus GET :5001/timestream/<db>/<table> (the records
+  # moto stored; its timestream-query returns nothing). setsid: the server outlives this script.
+  setsid "$VENV/bin/python" "$(dirname "${BASH_SOURCE[0]}")/moto_server.py" --host 127.0.0.1 --port 5000 \
+    --dump-port 5001 >> "$DIR/moto.log" 2>&1 < /dev/null &
   echo $! > "$DIR/moto.pid"
   wait_port moto 5000 300
+  wait_port moto 5001 100
   log "moto ready on 127.0.0.1:5000 (S3 path-style, credentials test/test, region us-east-1)"
 }
 
@@ -105,7 +109,7 @@ moto_stop() {
   for _ in $(seq 50); do port_open 5000 || break; sleep 0.1; done
 }
 
-moto_status() { port_open 5000 && echo "moto: up (127.0.0.1:5000)" || echo "moto: down"; }
+moto_status() { port_open 5000 && port_open 5001 && echo "moto: up (127.0.0.1:5000, Timestream read-back 5001)" || echo "moto: down"; }
 
 # --- victoriametrics (InfluxDB /api/v2/write on 8428) ------------------------------------------
 # Stands in for InfluxDB 2.x (Debian's influxdb is 1.x, without /api/v2/write). Retention 100y so

@@ -3,9 +3,13 @@
 pub mod blackhole;
 pub mod console;
 pub mod file;
+pub mod influxdb;
+pub mod line_protocol;
 pub mod mqtt;
 pub mod parquet;
+pub mod retry;
 pub mod s3;
+pub mod timestream;
 
 use sluice_core::registry::Registry;
 
@@ -16,5 +20,7 @@ pub fn register(registry: &mut Registry) {
         .sink::<file::FileSinkConfig>("file")
         .sink::<blackhole::BlackholeConfig>("blackhole")
         .sink::<parquet::ParquetSinkConfig>("parquet")
+        .sink::<influxdb::InfluxDbConfig>("influxdb")
+        .sink::<timestream::TimestreamConfig>("timestream")
         .sink::<mqtt::MqttSinkConfig>("mqtt");
 }
