@@ -532,3 +532,67 @@ async fn server_down_at_start_names_the_url() {
         "{err}"
     );
 }
+
+/// (bucket, lines) of one accepted write.
+type BucketWrite = (String, Vec<String>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templated_bucket_keeps_tenants_apart_and_dead_letters_records_without_the_tag() {
+    let accepted: Arc<Mutex<Vec<BucketWrite>>> = Arc::default();
+    let acc = accepted.clone();
+    let server = start(move |req| {
+        if let Some(r) = health(req) {
+            return r;
+        }
+        let bucket = req
+            .target
+            .split(['?', '&'])
+            .find_map(|p| p.strip_prefix("bucket="))
+            .expect("bucket parameter")
+            .to_string();
+        acc.lock().expect("lock").push((bucket, body_lines(req)));
+        Reply::new(204, "")
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = pipeline(
+        &server.url(),
+        dir.path(),
+        "devices = 4\ncount = 400\nseed = 9",
+        "bucket = \"tenant-{device_id}\"\nin_flight = 3",
+    )
+    .replace("bucket = \"telemetry\"\n", "");
+    run_pipeline(&toml).await.expect("pipeline runs");
+    let sent: Vec<_> = read_json_lines(&dir.path().join("sent.jsonl"))
+        .iter()
+        .map(key_of)
+        .collect();
+    let mut written = Vec::new();
+    for (bucket, lines) in accepted.lock().expect("lock").iter() {
+        for (device, time) in keys_of_lines(lines) {
+            assert_eq!(
+                bucket,
+                &format!("tenant-{device}"),
+                "a line in another tenant's bucket"
+            );
+            written.push((device, time));
+        }
+    }
+    assert_eq!(counts(&written), counts(&sent));
+
+    // A bucket template naming a tag the records lack: every record to dead_letter.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = pipeline(
+        &server.url(),
+        dir.path(),
+        "devices = 2\ncount = 20",
+        "bucket = \"tenant-{tenant}\"",
+    )
+    .replace("bucket = \"telemetry\"\n", "");
+    run_pipeline(&toml).await.expect("pipeline runs");
+    let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+    assert_eq!(dead.len(), 20);
+    assert!(dead.iter().all(|d| d["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("needs tag `tenant`"))));
+}
