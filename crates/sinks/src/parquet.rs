@@ -15,7 +15,8 @@
 //!
 //! **Columns.** Arrow columns are built directly from records: the event time as
 //! `Timestamp(unit, "UTC")` (column `time`), every tag as a dictionary-encoded string, every field
-//! with its own type (`f64` → DOUBLE, `i64` → BIGINT, `bool` → BOOLEAN, string → VARCHAR).
+//! with its own type (`f64` → DOUBLE, `i64` → BIGINT, `bool` → BOOLEAN, string → VARCHAR). A tag
+//! or field named like the time column is not written.
 //!
 //! **Schema.** Without `schema`, columns are inferred and the sink remembers every column it has
 //! seen; a new file starts with all of them (absent values are null). When a record brings a
@@ -66,6 +67,7 @@ use chrono::{DateTime, Utc};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression as ParquetCompression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_core::ack::{BatchStatus, Finalizers};
@@ -708,9 +710,23 @@ pub fn mismatch(record: &Record, schema: &Schema, policy: MismatchPolicy) -> Opt
 /// floats), or `None` when `schema` already fits. With `fields_fixed` (a declared schema), only
 /// tags are added.
 pub fn evolve(schema: &Schema, records: &[Record], fields_fixed: bool) -> Option<Schema> {
+    evolve_except(schema, records, fields_fixed, "")
+}
+
+/// [`evolve`], never adding a column named `reserved` (the time column's name: a tag or field
+/// of that name is not written).
+pub fn evolve_except(
+    schema: &Schema,
+    records: &[Record],
+    fields_fixed: bool,
+    reserved: &str,
+) -> Option<Schema> {
     let mut next: Option<Schema> = None;
     for r in records {
         for (name, _) in &r.tags {
+            if &**name == reserved {
+                continue;
+            }
             let current = next.as_ref().unwrap_or(schema);
             if current.get(name).is_none() {
                 next.get_or_insert_with(|| schema.clone())
@@ -721,6 +737,9 @@ pub fn evolve(schema: &Schema, records: &[Record], fields_fixed: bool) -> Option
             continue;
         }
         for (name, value) in &r.fields {
+            if &**name == reserved {
+                continue;
+            }
             let current = next.as_ref().unwrap_or(schema);
             let Some(vt) = ColumnType::of(value) else {
                 continue;
@@ -1004,7 +1023,16 @@ impl<W: Write + Send + Written> Writer<W> {
             Compression::Snappy => ParquetCompression::SNAPPY,
             Compression::Gzip | Compression::None => ParquetCompression::UNCOMPRESSED,
         };
-        let props = WriterProperties::builder()
+        // Dictionary encoding pays off for tags and string fields (few distinct values) but
+        // costs a hash per value on noisy numeric readings and then falls back anyway.
+        let mut props = WriterProperties::builder().set_dictionary_enabled(false);
+        for (name, ty) in &schema.columns {
+            if matches!(ty, ColumnType::Tag | ColumnType::Str) {
+                props =
+                    props.set_column_dictionary_enabled(ColumnPath::from(name.to_string()), true);
+            }
+        }
+        let props = props
             .set_compression(compression)
             .set_max_row_group_size(options.row_group_size.max(1))
             .set_created_by(format!("sluice {}", env!("CARGO_PKG_VERSION")))
@@ -1400,7 +1428,8 @@ impl ParquetSink {
     async fn write_partition(&mut self, key: String, mut records: Vec<Record>, cx: &SinkContext) {
         if self.config.format == Format::Parquet {
             // Schema evolution: a file never changes its columns, so a wider schema means a new file.
-            if let Some(wider) = evolve(&self.known, &records, self.fields_fixed) {
+            let reserved = self.options.time_column.as_str();
+            if let Some(wider) = evolve_except(&self.known, &records, self.fields_fixed, reserved) {
                 self.known.absorb(&wider);
             }
             let stale = self
@@ -1408,7 +1437,7 @@ impl ParquetSink {
                 .get(&key)
                 .and_then(|p| p.file.as_ref())
                 .and_then(|f| f.writer.schema())
-                .is_some_and(|s| evolve(s, &records, self.fields_fixed).is_some());
+                .is_some_and(|s| evolve_except(s, &records, self.fields_fixed, reserved).is_some());
             if stale {
                 self.close(&key, cx).await;
             }
@@ -1772,6 +1801,9 @@ mod tests {
             evolve(&s, &c, true).is_none(),
             "declared schema: fields fixed"
         );
+        let d = vec![record(0, "d", &[("time", Value::I64(5))])];
+        let t = evolve_except(&Schema::new(), &d, false, "time").expect("tag column");
+        assert_eq!(t.get("time"), None, "the time column's name is reserved");
     }
 
     #[test]
