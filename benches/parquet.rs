@@ -25,8 +25,8 @@ const BATCH: usize = 10_000;
 fn records() -> Vec<Record> {
     let tags = [intern("device_id"), intern("site"), intern("model")];
     let fields: Vec<_> = [
-        "temp", "humidity", "voltage", "current", "pressure", "rssi_f", "battery", "seq",
-        "uptime", "status",
+        "temp", "humidity", "voltage", "current", "pressure", "rssi_f", "battery", "seq", "uptime",
+        "status",
     ]
     .iter()
     .map(|n| intern(n))
@@ -134,13 +134,8 @@ fn e2e(c: &mut Criterion) {
     group.throughput(Throughput::Elements(E2E_RECORDS));
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(20));
-    // Reset the peak-RSS mark so it covers only the end-to-end runs (Linux ≥ 4.0).
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-    group.bench_function("simulator_to_local_parquet", |b| {
-        b.iter(|| {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let toml = format!(
-                r#"
+    let source = format!(
+        r#"
 [sources.sim]
 type = "simulator"
 devices = 100
@@ -148,7 +143,32 @@ rate = "unlimited"
 count = {E2E_RECORDS}
 start_time = "2026-03-01T00:00:00Z"
 batch_size = 1024
-
+"#
+    );
+    // The same source into a blackhole: what the runtime and the simulator cost without the sink.
+    group.bench_function("simulator_to_blackhole", |b| {
+        b.iter(|| {
+            let toml =
+                format!("{source}\n[sinks.null]\ntype = \"blackhole\"\ninputs = [\"sim\"]\n");
+            let config =
+                sluice_core::config::parse_str(&toml, Path::new("bench.toml")).expect("config");
+            runtime
+                .block_on(sluice_core::topology::run(
+                    config,
+                    &registry,
+                    &sluice_core::metrics::Metrics::new(),
+                    None,
+                ))
+                .expect("pipeline");
+        })
+    });
+    // Reset the peak-RSS mark so it covers only the parquet runs (Linux ≥ 4.0).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    group.bench_function("simulator_to_local_parquet", |b| {
+        b.iter(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let toml = format!(
+                r#"{source}
 [sinks.lake]
 type = "parquet"
 inputs = ["sim"]
@@ -173,7 +193,10 @@ fsync = false
     });
     group.finish();
     if let Some(kib) = peak_rss_kib() {
-        eprintln!("peak RSS during the end-to-end runs: {} MiB", kib / 1024);
+        eprintln!(
+            "peak RSS during the simulator → parquet runs: {} MiB",
+            kib / 1024
+        );
     }
 }
 
