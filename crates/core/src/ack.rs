@@ -154,13 +154,24 @@ impl Finalizers {
         Finalizers(v)
     }
 
-    pub fn push(&mut self, f: Finalizer) {
+    /// Adds a holder. A holder of the same source batch as the last one added is folded into
+    /// it (the one kept reports for both), so a sink or window holding a million records of a
+    /// few hundred batches keeps a few hundred finalizers, not a million.
+    pub fn push(&mut self, mut f: Finalizer) {
+        if let Some(last) = self.0.last() {
+            if Arc::ptr_eq(&last.shared, &f.shared) {
+                f.done = true; // represented by `last`, which will report the status
+                return;
+            }
+        }
         self.0.push(f);
     }
 
-    /// Moves every finalizer of `other` into `self`.
+    /// Moves every finalizer of `other` into `self` (folding same-batch neighbours).
     pub fn merge(&mut self, other: Finalizers) {
-        self.0.extend(other.0);
+        for f in other.0 {
+            self.push(f);
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -424,6 +435,47 @@ mod tests {
         set.finish(BatchStatus::Delivered);
         assert_eq!(ra.await, BatchStatus::Delivered);
         assert_eq!(rb.await, BatchStatus::Delivered);
+    }
+
+    #[tokio::test]
+    async fn same_batch_holders_fold_but_still_report() {
+        let (fa, ra) = batch();
+        let (fb, rb) = batch();
+        let mut set = Finalizers::new();
+        for _ in 0..1000 {
+            set.merge(Finalizers::one(fa.clone()));
+        }
+        set.push(fb.clone());
+        set.push(fa.clone());
+        assert_eq!(
+            set.len(),
+            3,
+            "consecutive holders of one batch fold into one"
+        );
+        drop((fa, fb));
+        assert_eq!(set.len(), 3);
+        set.mark(BatchStatus::Rejected);
+        set.finish(BatchStatus::Delivered);
+        assert_eq!(
+            ra.await,
+            BatchStatus::Errored,
+            "fa's original holder was dropped unfinished"
+        );
+        assert_eq!(
+            rb.await,
+            BatchStatus::Errored,
+            "fb's original holder was dropped unfinished"
+        );
+    }
+
+    #[tokio::test]
+    async fn folded_holders_report_the_kept_status() {
+        let (f, rx) = batch();
+        let mut set = Finalizers::one(f.clone());
+        set.push(f.clone());
+        f.finish(BatchStatus::Delivered);
+        set.finish(BatchStatus::Rejected);
+        assert_eq!(rx.await, BatchStatus::Rejected);
     }
 
     #[test]
