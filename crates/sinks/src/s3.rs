@@ -137,7 +137,8 @@ impl Store {
         }
         let mut config =
             aws_sdk_s3::config::Builder::from(&sdk).force_path_style(options.force_path_style);
-        if let Some(url) = &options.endpoint_url {
+        // An empty value (`endpoint_url = "${VAR:-}"` with VAR unset) means "not set".
+        if let Some(url) = options.endpoint_url.as_deref().filter(|u| !u.is_empty()) {
             config = config.endpoint_url(url);
         }
         Ok(Store {

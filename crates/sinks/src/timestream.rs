@@ -214,11 +214,13 @@ impl SinkConfig for TimestreamConfig {
                     .operation_attempt_timeout(self.timeout.0)
                     .build(),
             );
-        if let Some(url) = &self.endpoint_url {
+        // An empty value (`endpoint_url = "${VAR:-}"` with VAR unset) means "not set".
+        let endpoint_url = self.endpoint_url.as_deref().filter(|u| !u.is_empty());
+        if let Some(url) = endpoint_url {
             conf = conf.endpoint_url(url);
         }
         let client = Client::from_conf(conf.build());
-        let client = if self.endpoint_url.is_some() {
+        let client = if endpoint_url.is_some() {
             client
         } else {
             let (client, reload) = client.with_endpoint_discovery_enabled().await.map_err(|e| {
