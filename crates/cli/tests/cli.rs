@@ -335,3 +335,31 @@ fn metrics_and_health_endpoints() {
     );
     assert_eq!(status.code(), Some(0), "SIGTERM is a graceful shutdown");
 }
+
+#[test]
+fn every_example_pipeline_validates() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).expect("pipelines dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let out = sluice()
+            .arg("validate")
+            .arg(&path)
+            // Secrets the examples take from the environment.
+            .env("INFLUX_TOKEN", "test-token")
+            .env("MQTT_PASSWORD", "test-password")
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 6, "only {checked} pipeline files found");
+}
