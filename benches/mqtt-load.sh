@@ -4,7 +4,7 @@
 # client-side ceiling, on the same private broker in the same run?
 #
 #   benches/mqtt-load.sh                 # 1,000,000 QoS 0 and 200,000 QoS 1 messages (~120 B)
-#   N0=100000 N1=20000 benches/mqtt-load.sh
+#   N0=100000 N1=20000 MAX_INFLIGHT=2000 benches/mqtt-load.sh
 #
 # For each QoS the broker first queues N messages for an offline persistent session (so the
 # publisher's speed does not matter), then the subscriber connects and the time until it has
@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 
 N0=${N0:-1000000}
 N1=${N1:-200000}
+MAX_INFLIGHT=${MAX_INFLIGHT:-2000}   # the mqtt source's max_inflight
 SLUICE=${SLUICE:-target/release/sluice}
 [ -x "$SLUICE" ] || cargo build --release -p sluice-cli
 
@@ -40,15 +41,8 @@ cleanup() { kill "$BROKER" 2>/dev/null || true; [ -n "${SLUICE_PID:-}" ] && kill
 trap cleanup EXIT
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
 
-# ~120-byte JSON payloads, one per line.
-python3 - "$DIR/messages.txt" "$(( N0 > N1 ? N0 : N1 ))" <<'PY'
-import sys
-path, n = sys.argv[1], int(sys.argv[2])
-with open(path, "w") as f:
-    for i in range(n):
-        f.write('{"ts":%d,"device_id":"dev-%05d","temp":21.53,"humidity":40.12,"voltage":3.291,"seq":%d,"status":"ok"}\n'
-                % (1764000000000 + i, i % 1000, i))
-PY
+# A ~120-byte JSON payload (mosquitto_pub --repeat; `-l` with QoS 1 loses messages at EOF).
+PAYLOAD='{"ts":1764000000000,"device_id":"dev-00042","temp":21.53,"humidity":40.12,"voltage":3.291,"seq":12345,"status":"ok"}'
 
 now() { date +%s.%N; }
 sub() { mosquitto_sub -h 127.0.0.1 -p "$PORT" "$@"; }
@@ -56,7 +50,7 @@ sub() { mosquitto_sub -h 127.0.0.1 -p "$PORT" "$@"; }
 # queue QOS N TOPIC CLIENT_ID: makes CLIENT_ID's persistent session and queues N messages for it.
 queue() {
   sub -c -i "$4" -q "$1" -t "$3" -E
-  head -n "$2" "$DIR/messages.txt" | mosquitto_pub -h 127.0.0.1 -p "$PORT" -q "$1" -t "$3" -l
+  mosquitto_pub -h 127.0.0.1 -p "$PORT" -q "$1" -t "$3" --repeat "$2" -m "$PAYLOAD"
 }
 
 rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
@@ -84,6 +78,7 @@ client_id = "sluice-q$qos"
 protocol = "v3.1.1"
 topics = ["$topic"]
 qos = $qos
+max_inflight = $MAX_INFLIGHT
 decode = { codec = "json", time_key = "ts", tags = ["device_id", "status"] }
 
 [sinks.sink]

@@ -200,3 +200,74 @@ batch = {{ max_records = 250, max_age = "100ms" }}
     );
     assert!(exit.success(), "graceful stop after SIGINT: {exit:?}");
 }
+
+/// `pipelines/edge-rules.toml` as shipped: a hot reading on `devices/<id>/telemetry` comes back
+/// as an alert on `alerts/<id>`; a normal one does not.
+#[test]
+fn edge_rules_pipeline_publishes_alerts() {
+    require_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let device = format!("edge-test-{}", std::process::id());
+    let pipeline = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/edge-rules.toml");
+    let mut alerts = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "1883",
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-W",
+            "30",
+        ])
+        .args(["-t", &format!("alerts/{device}")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (installed by scripts/services.sh start)");
+    let mut sluice = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(&pipeline)
+        .env("SLUICE_DATA_DIR", dir.path())
+        .env("MQTT_URL", "mqtt://127.0.0.1:1883")
+        .env("RUST_LOG", "info,sluice_sources::mqtt=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    let stderr = sluice.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("subscribed") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("edge-rules subscribed");
+    for (ts, temp) in [(1_764_000_000_000i64, 21.5), (1_764_000_001_000, 45.2)] {
+        let ok = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", "1883", "-q", "1"])
+            .args(["-t", &format!("devices/{device}/telemetry")])
+            .args(["-m", &format!(r#"{{"ts":{ts},"temp":{temp}}}"#)])
+            .status()
+            .expect("mosquitto_pub");
+        assert!(ok.success());
+    }
+    let out = alerts.wait_with_output().expect("alert subscriber");
+    let _ = Command::new("kill")
+        .args(["-INT", &sluice.id().to_string()])
+        .status();
+    let exit = sluice.wait().expect("sluice exits");
+    let alert: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON alert on alerts/<device>");
+    assert_eq!(alert["device_id"], device.as_str());
+    assert_eq!(alert["detector"], "threshold");
+    assert_eq!(alert["value"], 45.2);
+    assert!(exit.success(), "graceful stop: {exit:?}");
+}
