@@ -209,7 +209,7 @@ fn edge_rules_pipeline_publishes_alerts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let device = format!("edge-test-{}", std::process::id());
     let pipeline = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/edge-rules.toml");
-    let mut alerts = Command::new("mosquitto_sub")
+    let alerts = Command::new("mosquitto_sub")
         .args([
             "-h",
             "127.0.0.1",
