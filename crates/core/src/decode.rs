@@ -6,6 +6,11 @@
 //!   objects are flattened with `.`: `{"gps":{"lat":1}}` → `gps.lat`). When `fields` is set,
 //!   only those keys become fields.
 //! * `record`: sluice's own record JSON (what the `file` sink writes), see [`crate::json`].
+//! * `line_protocol`: InfluxDB line protocol, one record per line (a payload may hold many);
+//!   the measurement becomes the tag `measurement`, tags stay tags, fields keep their types,
+//!   the timestamp is read in `time_unit` (InfluxDB writes nanoseconds by default: set
+//!   `time_unit = "ns"`); a line without one gets the receive time. Each bad line is
+//!   dead-lettered on its own.
 //! * `raw`: no parsing; the payload is kept on the record and the receive time is the event time.
 //!
 //! With `topic_pattern = "devices/{device_id}/data"` the captures of the message's topic
@@ -35,6 +40,8 @@ pub enum Codec {
     Json,
     /// Sluice's record JSON shape (as written by the `file` sink).
     Record,
+    /// InfluxDB line protocol, one record per line.
+    LineProtocol,
     /// Keep the payload as is.
     Raw,
 }
@@ -66,7 +73,7 @@ impl TimeUnit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecodeConfig {
-    /// Payload format: `json` (default), `record` or `raw`.
+    /// Payload format: `json` (default), `record`, `line_protocol` or `raw`.
     #[serde(default)]
     pub codec: Codec,
     /// JSON key holding the event time (number in `time_unit`, or an RFC 3339 string). When
@@ -192,6 +199,15 @@ impl Decoder {
                 }
                 r
             }
+            Codec::LineProtocol => {
+                let text = std::str::from_utf8(&payload)
+                    .map_err(|e| DecodeError(format!("line protocol is not UTF-8: {e}")))?;
+                let mut r = self.decode_line(text.trim_end(), received)?;
+                if self.config.keep_payload {
+                    r.payload = Some(payload.clone());
+                }
+                r
+            }
             Codec::Json => {
                 let mut r = self.decode_json(&payload, received)?;
                 if self.config.keep_payload {
@@ -232,6 +248,48 @@ impl Decoder {
         r.meta = meta;
         r.meta.error = Some(Arc::from(error.0.as_str()));
         r
+    }
+
+    fn decode_line(&mut self, line: &str, received: i64) -> Result<Record, DecodeError> {
+        let parsed = crate::line_protocol::parse_line(line)
+            .map_err(|e| DecodeError(format!("invalid line protocol: {e}")))?;
+        let time = match parsed.time {
+            Some(t) => {
+                let per_unit: i64 = match self.config.time_unit {
+                    TimeUnit::S => 1_000_000_000,
+                    TimeUnit::Ms => 1_000_000,
+                    TimeUnit::Us => 1_000,
+                    TimeUnit::Ns => 1,
+                };
+                t.checked_mul(per_unit)
+                    .ok_or_else(|| DecodeError(format!("timestamp {t} is out of range")))?
+            }
+            None => received,
+        };
+        let mut record = Record::new(time);
+        let measurement = self.name("measurement");
+        record
+            .tags
+            .push((measurement, Arc::from(parsed.measurement.as_str())));
+        for (k, v) in parsed.tags {
+            let n = self.name(&k);
+            record.tags.push((n, Arc::from(v.as_str())));
+        }
+        for (k, v) in parsed.fields {
+            if let Some(only) = &self.config.fields {
+                if !only.contains(&k) {
+                    continue;
+                }
+            }
+            let n = self.name(&k);
+            record.fields.push((n, v));
+        }
+        Ok(record)
+    }
+
+    /// Whether payloads may hold several records (line protocol: one per line).
+    pub fn is_multi_record(&self) -> bool {
+        self.config.codec == Codec::LineProtocol
     }
 
     fn decode_json(&mut self, payload: &[u8], received: i64) -> Result<Record, DecodeError> {
@@ -334,6 +392,34 @@ impl Decoded {
 
     /// Decodes one payload into `records`, or into `dead` with the error attached.
     pub fn push(
+        &mut self,
+        decoder: &mut Decoder,
+        payload: Bytes,
+        topic: Option<&str>,
+        received: i64,
+        meta: Meta,
+    ) {
+        if decoder.is_multi_record() && payload.contains(&b'\n') {
+            // One record per line; every bad line is dead-lettered on its own.
+            let mut start = 0;
+            for (i, b) in payload.iter().enumerate() {
+                if *b == b'\n' || i + 1 == payload.len() {
+                    let end = if *b == b'\n' { i } else { i + 1 };
+                    let line = payload.slice(start..end);
+                    start = i + 1;
+                    let trimmed = line.trim_ascii();
+                    if trimmed.is_empty() || trimmed.starts_with(b"#") {
+                        continue;
+                    }
+                    self.push_one(decoder, line, topic, received, meta.clone());
+                }
+            }
+            return;
+        }
+        self.push_one(decoder, payload, topic, received, meta);
+    }
+
+    fn push_one(
         &mut self,
         decoder: &mut Decoder,
         payload: Bytes,
@@ -458,6 +544,46 @@ mod tests {
             .expect("decodes");
         assert_eq!(r.time, 1_767_225_600_000_000_000);
         assert_eq!(r.fields.len(), 1);
+    }
+
+    #[test]
+    fn line_protocol_one_record_per_line_and_bad_lines_dead_lettered() {
+        let mut d = decoder(|c| {
+            c.codec = Codec::LineProtocol;
+            c.time_unit = TimeUnit::Ns;
+        });
+        let mut out = Decoded::default();
+        let payload = Bytes::from_static(
+            b"weather,site=a temp=21.5,n=3i 1700000000000000001\n# comment\n\nbroken line\nweather,site=b ok=true\n",
+        );
+        out.push(&mut d, payload, None, 42, Meta::default());
+        assert_eq!(out.records.len(), 2);
+        assert_eq!(out.dead.len(), 1);
+        let r = &out.records[0];
+        assert_eq!(r.time, 1_700_000_000_000_000_001);
+        assert_eq!(r.tag("measurement"), Some("weather"));
+        assert_eq!(r.tag("site"), Some("a"));
+        assert_eq!(r.field("temp"), Some(&Value::F64(21.5)));
+        assert_eq!(r.field("n"), Some(&Value::I64(3)));
+        assert_eq!(out.records[1].time, 42, "no timestamp: receive time");
+        assert_eq!(out.dead[0].payload.as_deref(), Some(&b"broken line"[..]));
+        assert!(out.dead[0]
+            .meta
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("invalid line protocol"));
+
+        let mut ms = decoder(|c| c.codec = Codec::LineProtocol);
+        let r = ms
+            .decode(
+                Bytes::from_static(b"m v=1 1700000000000"),
+                None,
+                0,
+                Meta::default(),
+            )
+            .expect("single line");
+        assert_eq!(r.time, 1_700_000_000_000_000_000);
     }
 
     #[test]

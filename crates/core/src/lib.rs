@@ -15,6 +15,7 @@ pub mod channel;
 pub mod config;
 pub mod decode;
 pub mod json;
+pub mod line_protocol;
 pub mod metrics;
 pub mod record;
 pub mod registry;

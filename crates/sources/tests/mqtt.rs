@@ -699,3 +699,43 @@ async fn tls_with_client_certificates() {
     assert!(err.contains("TLS"), "clear error: {err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// InfluxDB line protocol over MQTT (what Telegraf's MQTT output publishes): several lines per
+/// message become several records; a bad line is dead-lettered alone and the message is still
+/// acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn line_protocol_payloads() {
+    testing::require_broker();
+    let topic = testing::unique("lp");
+    let mut c = config(BROKER, &[&topic], Protocol::V5, 1);
+    c.decode.codec = sluice_core::decode::Codec::LineProtocol;
+    c.decode.time_unit = sluice_core::decode::TimeUnit::Ns;
+    let mut src = start(&c, "lp").await;
+    src.subscribed().await;
+    let payload = "weather,site=a temp=21.5,seq=1i 1764000000000000001\n\
+                   weather,site=b temp=19.0,seq=2i 1764000000000000002\n\
+                   not line protocol\n";
+    testing::publish(BROKER, 1, vec![(topic.clone(), Bytes::from(payload))]).await;
+    let good = src.take(2, Some(BatchStatus::Delivered)).await;
+    assert_eq!(good.iter().map(seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(good[0].tag("measurement"), Some("weather"));
+    assert_eq!(good[1].tag("site"), Some("b"));
+    assert_eq!(good[0].time, 1_764_000_000_000_000_001);
+    let dead = take(
+        &mut src.dead,
+        1,
+        Some(BatchStatus::Delivered),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(dead[0].payload.as_deref(), Some(&b"not line protocol"[..]));
+    src.stop().await.expect("clean stop");
+    let mut again = start(&c, "lp").await;
+    again.subscribed().await;
+    assert_eq!(
+        again.idle(Duration::from_millis(800)).await,
+        0,
+        "message was acknowledged"
+    );
+    again.stop().await.expect("clean stop");
+}
