@@ -3,6 +3,7 @@
 pub mod file;
 pub mod mqtt;
 pub mod simulator;
+pub mod sqs;
 pub mod stdin;
 
 use sluice_core::registry::Registry;
@@ -13,5 +14,6 @@ pub fn register(registry: &mut Registry) {
         .source::<simulator::SimulatorConfig>("simulator")
         .source::<file::FileSourceConfig>("file")
         .source::<stdin::StdinConfig>("stdin")
-        .source::<mqtt::MqttSourceConfig>("mqtt");
+        .source::<mqtt::MqttSourceConfig>("mqtt")
+        .source::<sqs::SqsConfig>("sqs");
 }

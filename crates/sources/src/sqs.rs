@@ -1,0 +1,618 @@
+//! `sqs` source: long-polls an Amazon SQS queue (or an SQS-compatible server such as moto) with
+//! `receivers` concurrent loops and decodes each message body with the shared decoders.
+//!
+//! ```toml
+//! [sources.iot]
+//! type = "sqs"
+//! queue_url = "https://sqs.eu-west-1.amazonaws.com/123456789012/telemetry"
+//! receivers = 4
+//! decode = { codec = "json" }
+//! ```
+//!
+//! **Delete only after delivery.** Each `ReceiveMessage` answer becomes one batch with one
+//! finalizer. A message is deleted (`DeleteMessageBatch`, ≤ 10 entries per call, failed entries
+//! retried) only once its batch resolves `Delivered`, or `Rejected` with
+//! `on_rejected = "delete"`. An `Errored` batch gets its visibility set to 0 so the queue
+//! redelivers it at once. With `on_rejected = "leave"` (the default) a rejected message stays on
+//! the queue and the queue's redrive policy moves it to its dead-letter queue after
+//! `maxReceiveCount` receives; without a redrive policy it comes back forever, so use
+//! `"delete"` there. A crash before the delete means the message comes back after
+//! `visibility_timeout`: delivery is at-least-once.
+//!
+//! **Visibility extension.** Messages still in flight after half of `visibility_timeout` get
+//! their visibility extended by another `visibility_timeout` (repeatedly), so a slow sink does
+//! not make the queue hand them out a second time.
+//!
+//! **Credentials** come from the standard AWS chain (environment, profile, SSO, IMDS).
+//!
+//! **Metrics**: `received` (messages), `in_flight` (received, not yet deleted or released),
+//! `deleted`, `delete_failures`, `visibility_extensions`, and the standard `in` / `bytes`.
+//!
+//! **Structure.** Receiver tasks receive, decode and send; one acknowledgement task waits on
+//! the batches' statuses (in any order: SQS has no ordering constraint on deletes), deletes or
+//! releases them and extends the visibility of slow ones. On shutdown the receivers stop, the
+//! outputs are dropped so downstream drains, and the acknowledgement task finishes every
+//! pending batch before `run` returns.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_sdk_sqs::config::Region;
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+};
+use aws_sdk_sqs::Client;
+use aws_smithy_http_client::tls;
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sluice_core::ack::{self, BatchStatus, StatusReceiver};
+use sluice_core::channel::Outputs;
+use sluice_core::config::HumanDuration;
+use sluice_core::decode::{DecodeConfig, Decoded, Decoder};
+use sluice_core::metrics::ComponentMetrics;
+use sluice_core::record::{intern, Meta, Name, Origin};
+use sluice_core::registry::{BuildContext, SourceConfig};
+use sluice_core::source::{Source, SourceContext};
+use sluice_core::topology::now_ns;
+use sluice_core::BoxError;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Most entries SQS accepts in one `DeleteMessageBatch` / `ChangeMessageVisibilityBatch`.
+const MAX_BATCH_ENTRIES: usize = 10;
+/// Attempts at deleting one message before giving up (it then comes back after its
+/// visibility timeout: a duplicate, never a loss).
+const DELETE_ATTEMPTS: u32 = 5;
+
+/// What to do with a message whose records ended `Rejected` (dead-lettered downstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRejected {
+    /// Leave it on the queue: its redrive policy moves it to the queue's DLQ.
+    #[default]
+    Leave,
+    /// Delete it: the pipeline's own dead-letter output already has it.
+    Delete,
+}
+
+/// Receives from an SQS queue; deletes messages only after delivery.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SqsConfig {
+    /// URL of the queue, e.g. `https://sqs.eu-west-1.amazonaws.com/123456789012/telemetry`.
+    /// Required (no default).
+    pub queue_url: String,
+    /// AWS region. Default: from the standard chain (`AWS_REGION`, profile…), else an error.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint of an SQS-compatible server (moto, LocalStack, ElasticMQ); an empty string
+    /// means "not set". Default: the AWS endpoint of the region.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Concurrent long-poll loops. Default 1.
+    #[serde(default = "default_receivers")]
+    pub receivers: usize,
+    /// Most messages per `ReceiveMessage` call, 1–10. Default 10.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: i32,
+    /// Long-poll wait per `ReceiveMessage` call, at most "20s". Default "20s".
+    #[serde(default = "default_wait_time")]
+    pub wait_time: HumanDuration,
+    /// Visibility timeout asked for received messages (whole seconds, at most "12h"); messages
+    /// in flight longer than half of it get it extended. Default "30s".
+    #[serde(default = "default_visibility_timeout")]
+    pub visibility_timeout: HumanDuration,
+    /// What to do with a message whose records ended rejected (dead-lettered downstream):
+    /// "leave" it for the queue's redrive policy or "delete" it. Default "leave".
+    #[serde(default)]
+    pub on_rejected: OnRejected,
+    /// Body decoding. Default: JSON; `max_payload` (default "1MiB") dead-letters bigger bodies.
+    #[serde(default)]
+    pub decode: DecodeConfig,
+}
+
+fn default_receivers() -> usize {
+    1
+}
+fn default_max_messages() -> i32 {
+    10
+}
+fn default_wait_time() -> HumanDuration {
+    HumanDuration(Duration::from_secs(20))
+}
+fn default_visibility_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+impl SqsConfig {
+    /// A source of `queue_url`, other options at their defaults.
+    pub fn new(queue_url: &str) -> Self {
+        SqsConfig {
+            queue_url: queue_url.to_string(),
+            region: None,
+            endpoint_url: None,
+            receivers: default_receivers(),
+            max_messages: default_max_messages(),
+            wait_time: default_wait_time(),
+            visibility_timeout: default_visibility_timeout(),
+            on_rejected: OnRejected::default(),
+            decode: DecodeConfig::default(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.queue_url.is_empty() {
+            return Err("`queue_url` is empty: set the URL of the SQS queue".into());
+        }
+        if self.receivers == 0 {
+            return Err("`receivers` must be at least 1".into());
+        }
+        if !(1..=10).contains(&self.max_messages) {
+            return Err(format!(
+                "`max_messages` = {}: SQS allows 1 to 10",
+                self.max_messages
+            ));
+        }
+        if self.wait_time.0 > Duration::from_secs(20) {
+            return Err(format!(
+                "`wait_time` = \"{}\": SQS allows at most \"20s\"",
+                self.wait_time
+            ));
+        }
+        let vt = self.visibility_timeout.0.as_secs();
+        if vt == 0 || vt > 12 * 3600 {
+            return Err(format!(
+                "`visibility_timeout` = \"{}\": must be 1s to 12h",
+                self.visibility_timeout
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Builds an SQS client from the standard credential chain, `region` and `endpoint_url`.
+pub async fn client(region: Option<&str>, endpoint_url: Option<&str>) -> Result<Client, String> {
+    // rustls with ring: the same crypto as the rest of the workspace, no aws-lc C build.
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+    if let Some(region) = region {
+        loader = loader.region(Region::new(region.to_string()));
+    }
+    let sdk = loader.load().await;
+    if sdk.region().is_none() {
+        return Err(
+            "no AWS region: set `region` or AWS_REGION (or a region in the AWS profile)".into(),
+        );
+    }
+    let mut config = aws_sdk_sqs::config::Builder::from(&sdk);
+    // An empty value (`endpoint_url = "${VAR:-}"` with VAR unset) means "not set".
+    if let Some(url) = endpoint_url.filter(|u| !u.is_empty()) {
+        config = config.endpoint_url(url);
+    }
+    Ok(Client::from_conf(config.build()))
+}
+
+#[async_trait]
+impl SourceConfig for SqsConfig {
+    async fn build(&self, _cx: &BuildContext) -> Result<Box<dyn Source>, BoxError> {
+        self.validate()?;
+        // Validate the decoding options now (each receiver builds its own decoder).
+        Decoder::new(self.decode.clone())?;
+        let client = client(self.region.as_deref(), self.endpoint_url.as_deref()).await?;
+        Ok(Box::new(SqsSource {
+            client,
+            config: self.clone(),
+        }))
+    }
+}
+
+struct SqsSource {
+    client: Client,
+    config: SqsConfig,
+}
+
+/// A received batch waiting for its status.
+struct Pending {
+    handles: Vec<String>,
+    received: Instant,
+    /// When the visibility was last set (receive or extension).
+    visible_from: Instant,
+}
+
+struct Metrics {
+    in_flight: Arc<AtomicI64>,
+    deleted: Arc<AtomicI64>,
+    delete_failures: Arc<AtomicI64>,
+    extensions: Arc<AtomicI64>,
+}
+
+impl Metrics {
+    fn new(m: &ComponentMetrics) -> Self {
+        Metrics {
+            in_flight: m.gauge("in_flight"),
+            deleted: m.counter("deleted"),
+            delete_failures: m.counter("delete_failures"),
+            extensions: m.counter("visibility_extensions"),
+        }
+    }
+}
+
+#[async_trait]
+impl Source for SqsSource {
+    fn can_acknowledge(&self) -> bool {
+        true
+    }
+
+    async fn run(self: Box<Self>, cx: SourceContext) -> Result<(), BoxError> {
+        let SourceContext {
+            name,
+            out,
+            shutdown,
+            metrics,
+        } = cx;
+        let config = Arc::new(self.config);
+        let (pending_tx, pending_rx) = mpsc::channel::<(Pending, StatusReceiver)>(1024);
+        let acker = tokio::spawn(acknowledge(
+            self.client.clone(),
+            config.clone(),
+            name.clone(),
+            Metrics::new(&metrics),
+            pending_rx,
+        ));
+        let source = intern(&name);
+        let mut receivers = Vec::with_capacity(config.receivers);
+        for _ in 0..config.receivers {
+            receivers.push(tokio::spawn(receive(
+                self.client.clone(),
+                config.clone(),
+                source.clone(),
+                out.clone(),
+                metrics.clone(),
+                pending_tx.clone(),
+                shutdown.clone(),
+            )));
+        }
+        // Only the receivers hold outputs and the pending channel from here on: when they
+        // stop, downstream drains and the acknowledgement task sees the end of the channel.
+        drop(out);
+        drop(pending_tx);
+        let mut first_error: Option<BoxError> = None;
+        for r in receivers {
+            match r.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(format!("sqs receiver task failed: {e}").into());
+                }
+            }
+        }
+        if let Err(e) = acker.await {
+            tracing::error!(source = %name, error = %e, "sqs acknowledgement task failed");
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One long-poll loop: receive, decode, send, hand the batch's status to the acknowledger.
+async fn receive(
+    client: Client,
+    config: Arc<SqsConfig>,
+    source: Name,
+    out: Outputs,
+    metrics: Arc<ComponentMetrics>,
+    pending: mpsc::Sender<(Pending, StatusReceiver)>,
+    shutdown: CancellationToken,
+) -> Result<(), BoxError> {
+    let mut decoder = Decoder::new(config.decode.clone())?;
+    let received = metrics.counter("received");
+    let in_flight = metrics.gauge("in_flight");
+    let wait = config.wait_time.0.as_secs() as i32;
+    let visibility = config.visibility_timeout.0.as_secs() as i32;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let call = client
+            .receive_message()
+            .queue_url(&config.queue_url)
+            .max_number_of_messages(config.max_messages)
+            .wait_time_seconds(wait)
+            .visibility_timeout(visibility)
+            .send();
+        let answer = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            a = call => a,
+        };
+        let messages = match answer {
+            Ok(a) => {
+                backoff = Duration::from_millis(100);
+                a.messages.unwrap_or_default()
+            }
+            Err(e) => {
+                tracing::warn!(
+                    source = %source,
+                    queue = %config.queue_url,
+                    error = %aws_sdk_sqs::error::DisplayErrorContext(&e),
+                    "sqs ReceiveMessage failed; retrying"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        tracing::trace!(source = %source, messages = messages.len(), "sqs ReceiveMessage");
+        if messages.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        let received_ns = now_ns();
+        let mut decoded = Decoded::with_capacity(messages.len());
+        let mut handles = Vec::with_capacity(messages.len());
+        let mut bytes = 0;
+        for m in messages {
+            let Some(handle) = m.receipt_handle else {
+                continue; // cannot be deleted, so do not deliver it either
+            };
+            handles.push(handle);
+            let body = Bytes::from(m.body.unwrap_or_default().into_bytes());
+            bytes += body.len();
+            let meta = Meta {
+                source: Some(source.clone()),
+                origin: Origin::Sqs {
+                    message_id: m.message_id.unwrap_or_default().into(),
+                },
+                ..Meta::default()
+            };
+            decoded.push(&mut decoder, body, None, received_ns, meta);
+        }
+        received.fetch_add(handles.len() as i64, Ordering::Relaxed);
+        in_flight.fetch_add(handles.len() as i64, Ordering::Relaxed);
+        metrics.add_bytes(bytes);
+        let (finalizer, status) = ack::batch();
+        decoded.attach(&finalizer);
+        finalizer.finish(BatchStatus::Delivered);
+        let entry = Pending {
+            handles,
+            received: now,
+            visible_from: now,
+        };
+        // Register before sending, so that visibility extension covers a send that waits on
+        // backpressure; the acknowledger never blocks on downstream, so this cannot deadlock.
+        if pending.send((entry, status)).await.is_err() {
+            return Err("sqs acknowledgement task stopped".into());
+        }
+        if decoded.send(&out).await.is_err() {
+            // Downstream is gone (shutdown): the dropped records resolve their batch as
+            // Errored and the acknowledger makes the messages visible again.
+            return Ok(());
+        }
+    }
+}
+
+/// Waits on every pending batch's status; deletes, releases or extends their messages.
+async fn acknowledge(
+    client: Client,
+    config: Arc<SqsConfig>,
+    name: String,
+    metrics: Metrics,
+    mut pending_rx: mpsc::Receiver<(Pending, StatusReceiver)>,
+) {
+    let visibility = config.visibility_timeout.0;
+    let mut next_id: u64 = 0;
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut statuses = FuturesUnordered::new();
+    let mut open = true;
+    let mut tick = tokio::time::interval((visibility / 4).max(Duration::from_millis(250)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while open || !statuses.is_empty() {
+        tokio::select! {
+            p = pending_rx.recv(), if open => match p {
+                Some((p, status)) => {
+                    let id = next_id;
+                    next_id += 1;
+                    pending.insert(id, p);
+                    statuses.push(async move { (id, status.await) });
+                }
+                None => open = false,
+            },
+            Some((id, status)) = statuses.next() => {
+                let Some(p) = pending.remove(&id) else { continue };
+                let n = p.handles.len() as i64;
+                match status {
+                    BatchStatus::Delivered => delete(&client, &config, &name, &metrics, p.handles).await,
+                    BatchStatus::Rejected if config.on_rejected == OnRejected::Delete => {
+                        delete(&client, &config, &name, &metrics, p.handles).await
+                    }
+                    BatchStatus::Rejected => {
+                        tracing::debug!(source = %name, messages = n, "rejected: left for the queue's redrive policy");
+                    }
+                    BatchStatus::Errored => {
+                        set_visibility(&client, &config, &name, &p.handles, 0).await;
+                    }
+                }
+                metrics.in_flight.fetch_sub(n, Ordering::Relaxed);
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let secs = visibility.as_secs() as i32;
+                for p in pending.values_mut() {
+                    if now.duration_since(p.visible_from) >= visibility / 2 {
+                        set_visibility(&client, &config, &name, &p.handles, secs).await;
+                        metrics.extensions.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            source = %name,
+                            in_flight_for = ?now.duration_since(p.received),
+                            "extended the visibility of a slow batch"
+                        );
+                        p.visible_from = now;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Deletes `handles` in calls of at most 10, retrying failed entries with backoff.
+async fn delete(
+    client: &Client,
+    config: &SqsConfig,
+    name: &str,
+    metrics: &Metrics,
+    handles: Vec<String>,
+) {
+    for chunk in handles.chunks(MAX_BATCH_ENTRIES) {
+        let mut left: Vec<(usize, &String)> = chunk.iter().enumerate().collect();
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1..=DELETE_ATTEMPTS {
+            let entries = left
+                .iter()
+                .map(|(i, h)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(h.as_str())
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>();
+            let entries = match entries {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(source = %name, error = %e, "sqs delete entry");
+                    return;
+                }
+            };
+            match client
+                .delete_message_batch()
+                .queue_url(&config.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+            {
+                Ok(out) => {
+                    let failed: Vec<String> = out.failed.into_iter().map(|f| f.id).collect();
+                    let ok = left.len() - failed.len();
+                    metrics.deleted.fetch_add(ok as i64, Ordering::Relaxed);
+                    left.retain(|(i, _)| failed.contains(&i.to_string()));
+                }
+                Err(e) => tracing::warn!(
+                    source = %name,
+                    attempt,
+                    error = %aws_sdk_sqs::error::DisplayErrorContext(&e),
+                    "sqs DeleteMessageBatch failed"
+                ),
+            }
+            if left.is_empty() {
+                break;
+            }
+            metrics
+                .delete_failures
+                .fetch_add(left.len() as i64, Ordering::Relaxed);
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+        if !left.is_empty() {
+            tracing::error!(
+                source = %name,
+                messages = left.len(),
+                "could not delete delivered sqs messages: they will be received again (duplicates)"
+            );
+        }
+    }
+}
+
+/// Sets the visibility timeout of `handles` (0: visible again now), in calls of at most 10.
+/// Best effort: a failure only delays a retry or risks a duplicate, never a loss.
+async fn set_visibility(
+    client: &Client,
+    config: &SqsConfig,
+    name: &str,
+    handles: &[String],
+    secs: i32,
+) {
+    for chunk in handles.chunks(MAX_BATCH_ENTRIES) {
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(h.as_str())
+                    .visibility_timeout(secs)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>();
+        let entries = match entries {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(source = %name, error = %e, "sqs visibility entry");
+                return;
+            }
+        };
+        match client
+            .change_message_visibility_batch()
+            .queue_url(&config.queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+        {
+            Ok(out) if !out.failed.is_empty() => tracing::warn!(
+                source = %name,
+                failed = out.failed.len(),
+                "sqs ChangeMessageVisibilityBatch: some entries failed"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                source = %name,
+                error = %aws_sdk_sqs::error::DisplayErrorContext(&e),
+                "sqs ChangeMessageVisibilityBatch failed"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_limits() {
+        let mut c = SqsConfig::new("http://localhost/q");
+        assert!(c.validate().is_ok());
+        c.max_messages = 11;
+        assert!(c.validate().is_err());
+        c.max_messages = 10;
+        c.wait_time = HumanDuration(Duration::from_secs(21));
+        assert!(c.validate().is_err());
+        c.wait_time = default_wait_time();
+        c.receivers = 0;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn parses_options() {
+        let c: SqsConfig = toml::from_str(
+            "queue_url = \"http://q\"\nreceivers = 4\nwait_time = \"1s\"\non_rejected = \"delete\"",
+        )
+        .expect("valid config");
+        assert_eq!(c.receivers, 4);
+        assert_eq!(c.wait_time.0, Duration::from_secs(1));
+        assert_eq!(c.on_rejected, OnRejected::Delete);
+        assert!(toml::from_str::<SqsConfig>("queue_url = \"q\"\nbogus = 1").is_err());
+    }
+}
