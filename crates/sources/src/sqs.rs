@@ -326,6 +326,9 @@ async fn receive(
     let visibility = config.visibility_timeout.0.as_secs() as i32;
     let mut backoff = Duration::from_millis(100);
     loop {
+        // The queue's visibility clock starts when it answers; start ours before asking, so
+        // that extensions are early rather than late.
+        let asked = Instant::now();
         let call = client
             .receive_message()
             .queue_url(&config.queue_url)
@@ -361,7 +364,6 @@ async fn receive(
         if messages.is_empty() {
             continue;
         }
-        let now = Instant::now();
         let received_ns = now_ns();
         let mut decoded = Decoded::with_capacity(messages.len());
         let mut handles = Vec::with_capacity(messages.len());
@@ -390,8 +392,8 @@ async fn receive(
         finalizer.finish(BatchStatus::Delivered);
         let entry = Pending {
             handles,
-            received: now,
-            visible_from: now,
+            received: asked,
+            visible_from: asked,
         };
         // Register before sending, so that visibility extension covers a send that waits on
         // backpressure; the acknowledger never blocks on downstream, so this cannot deadlock.
@@ -419,7 +421,8 @@ async fn acknowledge(
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut statuses = FuturesUnordered::new();
     let mut open = true;
-    let mut tick = tokio::time::interval((visibility / 4).max(Duration::from_millis(250)));
+    // Check often enough that an extension goes out well before the timeout expires.
+    let mut tick = tokio::time::interval((visibility / 10).max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while open || !statuses.is_empty() {
         tokio::select! {

@@ -318,3 +318,79 @@ async fn malformed_body_goes_to_dead_letter_and_is_deleted() {
     run.stop().await;
     assert_empty(&client, &url).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_message_is_left_to_the_redrive_policy() {
+    let (client, dlq_url) = queue("redrive-dlq").await;
+    let dlq_arn = client
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("GetQueueAttributes")
+        .attributes
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .expect("dlq arn");
+    let (_, url) = queue("redrive").await;
+    client
+        .set_queue_attributes()
+        .queue_url(&url)
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!("{{\"deadLetterTargetArn\":\"{dlq_arn}\",\"maxReceiveCount\":\"2\"}}"),
+        )
+        .send()
+        .await
+        .expect("SetQueueAttributes");
+    send(&client, &url, &["poison".to_string()]).await;
+    // Default on_rejected = "leave"; a 1 s visibility brings the message back quickly.
+    let mut run = start(&url, 1, |c| {
+        c.visibility_timeout = HumanDuration(Duration::from_secs(1))
+    })
+    .await;
+    for _ in 0..2 {
+        let mut dead = next(&mut run.dead).await;
+        assert_eq!(dead.len(), 1);
+        dead.finalize(BatchStatus::Delivered); // the decoder marked it Rejected
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while depth(&client, &dlq_url).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the message never reached the DLQ"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        run.counter("deleted"),
+        0,
+        "a rejected message is left, not deleted"
+    );
+    run.stop().await;
+    assert_empty(&client, &url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_batch_gets_its_visibility_extended() {
+    let (client, url) = queue("extend").await;
+    send(&client, &url, &["{\"n\":1}".to_string()]).await;
+    let mut run = start(&url, 1, |c| {
+        c.visibility_timeout = HumanDuration(Duration::from_secs(3))
+    })
+    .await;
+    let mut batch = next(&mut run.input).await;
+    // A slow sink: hold the batch for twice the visibility timeout. Without extension the
+    // queue would hand the message out again meanwhile.
+    let redelivered = tokio::time::timeout(Duration::from_secs(7), run.input.recv()).await;
+    assert!(
+        redelivered.is_err(),
+        "redelivered while in flight: {redelivered:?}"
+    );
+    assert!(run.counter("visibility_extensions") >= 1);
+    assert_eq!(run.counter("received"), 1);
+    batch.finalize(BatchStatus::Delivered);
+    run.deleted(1).await;
+    run.stop().await;
+    assert_empty(&client, &url).await;
+}
