@@ -13,7 +13,8 @@
 //! finalizer. A message is deleted (`DeleteMessageBatch`, ≤ 10 entries per call, failed entries
 //! retried) only once its batch resolves `Delivered`, or `Rejected` with
 //! `on_rejected = "delete"`. An `Errored` batch gets its visibility set to 0 so the queue
-//! redelivers it at once. With `on_rejected = "leave"` (the default) a rejected message stays on
+//! redelivers it at once; if it fails again, to (n-1)² seconds after n receives (capped at
+//! `visibility_timeout`), a backoff driven by the queue's `ApproximateReceiveCount`. With `on_rejected = "leave"` (the default) a rejected message stays on
 //! the queue and the queue's redrive policy moves it to its dead-letter queue after
 //! `maxReceiveCount` receives; without a redrive policy it comes back forever, so use
 //! `"delete"` there. A crash before the delete means the message comes back after
@@ -44,6 +45,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_sqs::config::Region;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageSystemAttributeName,
 };
 use aws_sdk_sqs::Client;
 use aws_smithy_http_client::tls;
@@ -228,6 +230,8 @@ struct Pending {
     received: Instant,
     /// When the visibility was last set (receive or extension).
     visible_from: Instant,
+    /// Highest `ApproximateReceiveCount` of the batch's messages (1 on first delivery).
+    receive_count: u32,
 }
 
 struct Metrics {
@@ -335,6 +339,7 @@ async fn receive(
             .max_number_of_messages(config.max_messages)
             .wait_time_seconds(wait)
             .visibility_timeout(visibility)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .send();
         let answer = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -368,7 +373,16 @@ async fn receive(
         let mut decoded = Decoded::with_capacity(messages.len());
         let mut handles = Vec::with_capacity(messages.len());
         let mut bytes = 0;
+        let mut receive_count = 1;
         for m in messages {
+            if let Some(n) = m
+                .attributes
+                .as_ref()
+                .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                receive_count = receive_count.max(n);
+            }
             let Some(handle) = m.receipt_handle else {
                 continue; // cannot be deleted, so do not deliver it either
             };
@@ -394,6 +408,7 @@ async fn receive(
             handles,
             received: asked,
             visible_from: asked,
+            receive_count,
         };
         // Register before sending, so that visibility extension covers a send that waits on
         // backpressure; the acknowledger never blocks on downstream, so this cannot deadlock.
@@ -447,7 +462,8 @@ async fn acknowledge(
                         tracing::debug!(source = %name, messages = n, "rejected: left for the queue's redrive policy");
                     }
                     BatchStatus::Errored => {
-                        set_visibility(&client, &config, &name, &p.handles, 0).await;
+                        let delay = retry_delay(p.receive_count, visibility);
+                        set_visibility(&client, &config, &name, &p.handles, delay).await;
                     }
                 }
                 metrics.in_flight.fetch_sub(n, Ordering::Relaxed);
@@ -470,6 +486,13 @@ async fn acknowledge(
             }
         }
     }
+}
+
+/// Visibility (seconds) given to an errored batch: 0 on its first failure (retry at once),
+/// then (n-1)² seconds after n receives, capped at the visibility timeout.
+fn retry_delay(receive_count: u32, visibility: Duration) -> i32 {
+    let n = u64::from(receive_count.saturating_sub(1));
+    n.saturating_mul(n).min(visibility.as_secs()) as i32
 }
 
 /// Deletes `handles` in calls of at most 10, retrying failed entries with backoff.
@@ -605,6 +628,13 @@ mod tests {
         c.wait_time = default_wait_time();
         c.receivers = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn errored_retries_back_off() {
+        let vt = Duration::from_secs(30);
+        let delays: Vec<i32> = (1..=8).map(|n| retry_delay(n, vt)).collect();
+        assert_eq!(delays, vec![0, 1, 4, 9, 16, 25, 30, 30]);
     }
 
     #[test]

@@ -394,3 +394,27 @@ async fn slow_batch_gets_its_visibility_extended() {
     run.stop().await;
     assert_empty(&client, &url).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_pending_batches_then_deletes() {
+    let (client, url) = queue("shutdown").await;
+    send(&client, &url, &["{\"n\":3}".to_string()]).await;
+    let mut run = start(&url, 2, |_| {}).await;
+    let mut batch = next(&mut run.input).await;
+    run.shutdown.cancel();
+    // The receivers stop and drop the outputs, but `run` waits for the batch in flight.
+    let end = tokio::time::timeout(Duration::from_secs(3), run.input.recv()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "outputs closed after shutdown: {end:?}"
+    );
+    assert!(!run.task.is_finished(), "run returned with a batch pending");
+    batch.finalize(BatchStatus::Delivered);
+    let result = tokio::time::timeout(Duration::from_secs(10), &mut run.task)
+        .await
+        .expect("source stops once the batch resolved")
+        .expect("source task");
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(run.counter("deleted"), 1, "deleted before run returned");
+    assert_empty(&client, &url).await;
+}
