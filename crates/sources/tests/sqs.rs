@@ -271,7 +271,7 @@ async fn round_trip_through_4_receivers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn errored_batch_is_received_again_at_once() {
+async fn errored_batch_is_received_again_at_once_then_with_backoff() {
     let (client, url) = queue("errored").await;
     send(&client, &url, &["{\"n\":7}".to_string()]).await;
     let mut run = start(&url, 1, |_| {}).await;
@@ -289,9 +289,19 @@ async fn errored_batch_is_received_again_at_once() {
         0,
         "an errored message is not deleted"
     );
-    again.finalize(BatchStatus::Delivered);
+    // A second failure backs off: (2-1)² = 1 s before the queue shows it again.
+    let failed_again_at = Instant::now();
+    again.finalize(BatchStatus::Errored);
+    let mut third = next(&mut run.input).await;
+    assert_eq!(numbers(&third), vec![7]);
+    assert!(
+        failed_again_at.elapsed() >= Duration::from_millis(900),
+        "retried after {:?}, expected a 1 s backoff",
+        failed_again_at.elapsed()
+    );
+    third.finalize(BatchStatus::Delivered);
     run.deleted(1).await;
-    assert_eq!(run.counter("received"), 2);
+    assert_eq!(run.counter("received"), 3);
     run.stop().await;
     assert_empty(&client, &url).await;
 }
