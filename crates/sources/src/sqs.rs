@@ -27,7 +27,8 @@
 //! **Credentials** come from the standard AWS chain (environment, profile, SSO, IMDS).
 //!
 //! **Metrics**: `received` (messages), `in_flight` (received, not yet deleted or released),
-//! `deleted`, `delete_failures`, `visibility_extensions`, and the standard `in` / `bytes`.
+//! `deleted`, `delete_failures`, `visibility_extensions`, `queue_depth` (the queue's
+//! `ApproximateNumberOfMessages`, polled every 10 s), and the standard `in` / `bytes`.
 //!
 //! **Structure.** Receiver tasks receive, decode and send; one acknowledgement task waits on
 //! the batches' statuses (in any order: SQS has no ordering constraint on deletes), deletes or
@@ -45,7 +46,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_sqs::config::Region;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
-    MessageSystemAttributeName,
+    MessageSystemAttributeName, QueueAttributeName,
 };
 use aws_sdk_sqs::Client;
 use aws_smithy_http_client::tls;
@@ -274,6 +275,12 @@ impl Source for SqsSource {
             Metrics::new(&metrics),
             pending_rx,
         ));
+        let depth = tokio::spawn(poll_depth(
+            self.client.clone(),
+            config.clone(),
+            metrics.gauge("queue_depth"),
+            shutdown.clone(),
+        ));
         let source = intern(&name);
         let mut receivers = Vec::with_capacity(config.receivers);
         for _ in 0..config.receivers {
@@ -303,12 +310,48 @@ impl Source for SqsSource {
                 }
             }
         }
+        depth.abort();
         if let Err(e) = acker.await {
             tracing::error!(source = %name, error = %e, "sqs acknowledgement task failed");
         }
         match first_error {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+}
+
+/// How often the approximate queue depth is read.
+const DEPTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Polls `ApproximateNumberOfMessages` (visible messages waiting) into the `queue_depth` gauge.
+async fn poll_depth(
+    client: Client,
+    config: Arc<SqsConfig>,
+    gauge: Arc<AtomicI64>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(DEPTH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let answer = client
+            .get_queue_attributes()
+            .queue_url(&config.queue_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .send()
+            .await;
+        let depth = answer.ok().and_then(|a| {
+            a.attributes?
+                .get(&QueueAttributeName::ApproximateNumberOfMessages)?
+                .parse::<i64>()
+                .ok()
+        });
+        match depth {
+            Some(d) => gauge.store(d, Ordering::Relaxed),
+            None => tracing::debug!(queue = %config.queue_url, "could not read the queue depth"),
         }
     }
 }

@@ -244,6 +244,12 @@ async fn round_trip_through_4_receivers() {
     let bodies: Vec<String> = (0..MESSAGES).map(|n| format!("{{\"n\":{n}}}")).collect();
     send(&client, &url, &bodies).await;
     let mut run = start(&url, 4, |_| {}).await;
+    // The depth poller reads the queue at start: most of the messages are still waiting.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run.metrics.gauge("queue_depth").load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "queue_depth never polled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut seen = BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(45);
     while seen.len() < MESSAGES as usize {
