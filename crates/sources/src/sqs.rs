@@ -70,6 +70,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Most entries SQS accepts in one `DeleteMessageBatch` / `ChangeMessageVisibilityBatch`.
 const MAX_BATCH_ENTRIES: usize = 10;
+/// Concurrent `ChangeMessageVisibilityBatch` calls when many batches are due at once.
+const VISIBILITY_CONCURRENCY: usize = 8;
 /// Attempts at deleting one message before giving up (it then comes back after its
 /// visibility timeout: a duplicate, never a loss).
 const DELETE_ATTEMPTS: u32 = 5;
@@ -513,18 +515,24 @@ async fn acknowledge(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                let secs = visibility.as_secs() as i32;
+                // Every due batch in one round of concurrent calls: a backlog of slow batches
+                // must not make the last ones' extensions late.
+                let mut due = Vec::new();
                 for p in pending.values_mut() {
                     if now.duration_since(p.visible_from) >= visibility / 2 {
-                        set_visibility(&client, &config, &name, &p.handles, secs).await;
+                        due.extend(p.handles.iter().cloned());
                         metrics.extensions.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(
                             source = %name,
                             in_flight_for = ?now.duration_since(p.received),
-                            "extended the visibility of a slow batch"
+                            "extending the visibility of a slow batch"
                         );
                         p.visible_from = now;
                     }
+                }
+                if !due.is_empty() {
+                    let secs = visibility.as_secs() as i32;
+                    set_visibility(&client, &config, &name, &due, secs).await;
                 }
             }
         }
@@ -606,7 +614,8 @@ async fn delete(
 }
 
 /// Sets the visibility timeout of `handles` (0: visible again now), in calls of at most 10.
-/// Best effort: a failure only delays a retry or risks a duplicate, never a loss.
+/// Best effort: a failure only delays a retry or risks a duplicate, never a loss. Up to
+/// `VISIBILITY_CONCURRENCY` calls run at once.
 async fn set_visibility(
     client: &Client,
     config: &SqsConfig,
@@ -614,45 +623,54 @@ async fn set_visibility(
     handles: &[String],
     secs: i32,
 ) {
-    for chunk in handles.chunks(MAX_BATCH_ENTRIES) {
-        let entries = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                ChangeMessageVisibilityBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(h.as_str())
-                    .visibility_timeout(secs)
-                    .build()
-            })
-            .collect::<Result<Vec<_>, _>>();
-        let entries = match entries {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(source = %name, error = %e, "sqs visibility entry");
-                return;
+    // Collected first: a lazy `map` adapter held across the await trips the compiler's
+    // higher-ranked lifetime check inside the spawned task.
+    let calls: Vec<_> = handles
+        .chunks(MAX_BATCH_ENTRIES)
+        .map(|chunk| async move {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(h.as_str())
+                        .visibility_timeout(secs)
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>();
+            let entries = match entries {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(source = %name, error = %e, "sqs visibility entry");
+                    return;
+                }
+            };
+            match client
+                .change_message_visibility_batch()
+                .queue_url(&config.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+            {
+                Ok(out) if !out.failed.is_empty() => tracing::warn!(
+                    source = %name,
+                    failed = out.failed.len(),
+                    "sqs ChangeMessageVisibilityBatch: some entries failed"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    source = %name,
+                    error = %aws_sdk_sqs::error::DisplayErrorContext(&e),
+                    "sqs ChangeMessageVisibilityBatch failed"
+                ),
             }
-        };
-        match client
-            .change_message_visibility_batch()
-            .queue_url(&config.queue_url)
-            .set_entries(Some(entries))
-            .send()
-            .await
-        {
-            Ok(out) if !out.failed.is_empty() => tracing::warn!(
-                source = %name,
-                failed = out.failed.len(),
-                "sqs ChangeMessageVisibilityBatch: some entries failed"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(
-                source = %name,
-                error = %aws_sdk_sqs::error::DisplayErrorContext(&e),
-                "sqs ChangeMessageVisibilityBatch failed"
-            ),
-        }
-    }
+        })
+        .collect();
+    futures::stream::iter(calls)
+        .buffer_unordered(VISIBILITY_CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
 }
 
 #[cfg(test)]
