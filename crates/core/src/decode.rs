@@ -58,13 +58,23 @@ pub enum TimeUnit {
 }
 
 impl TimeUnit {
+    /// Nanoseconds in one unit.
+    fn nanos(self) -> i64 {
+        match self {
+            TimeUnit::S => 1_000_000_000,
+            TimeUnit::Ms => 1_000_000,
+            TimeUnit::Us => 1_000,
+            TimeUnit::Ns => 1,
+        }
+    }
+
+    /// An integer time in this unit as ns; exact (f64 would round nanoseconds).
+    fn int_to_ns(self, v: i64) -> Option<i64> {
+        v.checked_mul(self.nanos())
+    }
+
     fn to_ns(self, v: f64) -> Option<i64> {
-        let ns = match self {
-            TimeUnit::S => v * 1e9,
-            TimeUnit::Ms => v * 1e6,
-            TimeUnit::Us => v * 1e3,
-            TimeUnit::Ns => v,
-        };
+        let ns = v * self.nanos() as f64;
         (ns.is_finite() && ns.abs() < 9.2e18).then_some(ns as i64)
     }
 }
@@ -187,35 +197,18 @@ impl Decoder {
             )));
         }
         let mut record = match self.config.codec {
-            Codec::Raw => {
-                let mut r = Record::new(received);
-                r.payload = Some(payload.clone());
-                r
-            }
-            Codec::Record => {
-                let mut r = json::from_json(&payload).map_err(DecodeError)?;
-                if self.config.keep_payload {
-                    r.payload = Some(payload.clone());
-                }
-                r
-            }
+            Codec::Raw => Record::new(received),
+            Codec::Record => json::from_json(&payload).map_err(DecodeError)?,
             Codec::LineProtocol => {
                 let text = std::str::from_utf8(&payload)
                     .map_err(|e| DecodeError(format!("line protocol is not UTF-8: {e}")))?;
-                let mut r = self.decode_line(text.trim_end(), received)?;
-                if self.config.keep_payload {
-                    r.payload = Some(payload.clone());
-                }
-                r
+                self.decode_line(text.trim_end(), received)?
             }
-            Codec::Json => {
-                let mut r = self.decode_json(&payload, received)?;
-                if self.config.keep_payload {
-                    r.payload = Some(payload.clone());
-                }
-                r
-            }
+            Codec::Json => self.decode_json(&payload, received)?,
         };
+        if self.config.keep_payload || self.config.codec == Codec::Raw {
+            record.payload = Some(payload);
+        }
         if let (Some(pattern), Some(topic)) = (&self.topic, topic) {
             let mut tags = Vec::new();
             if !pattern.captures(topic, |n, v| tags.push((n.clone(), Arc::<str>::from(v)))) {
@@ -254,16 +247,11 @@ impl Decoder {
         let parsed = crate::line_protocol::parse_line(line)
             .map_err(|e| DecodeError(format!("invalid line protocol: {e}")))?;
         let time = match parsed.time {
-            Some(t) => {
-                let per_unit: i64 = match self.config.time_unit {
-                    TimeUnit::S => 1_000_000_000,
-                    TimeUnit::Ms => 1_000_000,
-                    TimeUnit::Us => 1_000,
-                    TimeUnit::Ns => 1,
-                };
-                t.checked_mul(per_unit)
-                    .ok_or_else(|| DecodeError(format!("timestamp {t} is out of range")))?
-            }
+            Some(t) => self
+                .config
+                .time_unit
+                .int_to_ns(t)
+                .ok_or_else(|| DecodeError(format!("timestamp {t} is out of range")))?,
             None => received,
         };
         let mut record = Record::new(time);
@@ -350,13 +338,10 @@ impl Decoder {
         match v {
             Json::Number(n) => {
                 let f = n.as_f64().unwrap_or(f64::NAN);
-                match (self.config.time_unit, n.as_i64()) {
-                    // Exact integer arithmetic for integer times (f64 would round ns).
-                    (TimeUnit::Ns, Some(i)) => Some(i),
-                    (TimeUnit::Us, Some(i)) => i.checked_mul(1_000),
-                    (TimeUnit::Ms, Some(i)) => i.checked_mul(1_000_000),
-                    (TimeUnit::S, Some(i)) => i.checked_mul(1_000_000_000),
-                    (unit, None) => unit.to_ns(f),
+                let unit = self.config.time_unit;
+                match n.as_i64() {
+                    Some(i) => unit.int_to_ns(i),
+                    None => unit.to_ns(f),
                 }
                 .map_or_else(
                     || Err(DecodeError(format!("time `{key}` = {n} is out of range"))),
