@@ -9,6 +9,26 @@
 //! decode = { codec = "json" }
 //! ```
 //!
+//! **AWS IoT rule envelopes.** An IoT Core topic rule that forwards to SQS usually wraps the
+//! device's JSON, e.g. `SELECT topic() AS topic, * AS payload FROM 'dt/+/+/+/telemetry'` →
+//! `{"topic":"dt/acme/p1/dev-7/telemetry","payload":{"ts":…,"temp":…}}`. `body_path` picks the
+//! part to decode (dotted, `"payload"`), `topic_path` the string that is matched against
+//! `decode.topic_pattern`, exactly as an MQTT topic would be, so `device_id` / `tenant` come from
+//! the topic:
+//!
+//! ```toml
+//! [sources.iot]
+//! type = "sqs"
+//! queue_url = "https://sqs.eu-west-1.amazonaws.com/123456789012/telemetry"
+//! body_path = "payload"
+//! topic_path = "topic"
+//! attributes_as_tags = ["site"]
+//! decode = { codec = "json", topic_pattern = "dt/{tenant}/{project}/{device_id}/telemetry" }
+//! ```
+//!
+//! Message attributes (String and Number types) become tags with `attributes_as_tags`
+//! (`true` for all, or a list of names); they are requested in `ReceiveMessage` only then.
+//!
 //! **Delete only after delivery.** Each `ReceiveMessage` answer becomes one batch with one
 //! finalizer. A message is deleted (`DeleteMessageBatch`, ≤ 10 entries per call, failed entries
 //! retried) only once its batch resolves `Delivered`, or `Rejected` with
@@ -46,7 +66,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_sqs::config::Region;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
-    MessageSystemAttributeName, QueueAttributeName,
+    MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
 };
 use aws_sdk_sqs::Client;
 use aws_smithy_http_client::tls;
@@ -55,12 +75,13 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
 use sluice_core::ack::{self, BatchStatus, StatusReceiver};
 use sluice_core::channel::Outputs;
 use sluice_core::config::HumanDuration;
-use sluice_core::decode::{DecodeConfig, Decoded, Decoder};
+use sluice_core::decode::{DecodeConfig, DecodeError, Decoded, Decoder};
 use sluice_core::metrics::ComponentMetrics;
-use sluice_core::record::{intern, Meta, Name, Origin};
+use sluice_core::record::{intern, Meta, Name, Origin, Record};
 use sluice_core::registry::{BuildContext, SourceConfig};
 use sluice_core::source::{Source, SourceContext};
 use sluice_core::topology::now_ns;
@@ -119,8 +140,55 @@ pub struct SqsConfig {
     #[serde(default)]
     pub on_rejected: OnRejected,
     /// Body decoding. Default: JSON; `max_payload` (default "1MiB") dead-letters bigger bodies.
+    /// With `body_path` it applies to the selected part; `topic_pattern` applies to the topic
+    /// read at `topic_path`.
     #[serde(default)]
     pub decode: DecodeConfig,
+    /// Dotted path of the part of a JSON body to decode as the record, for AWS IoT rule
+    /// envelopes such as `{"topic":"…","payload":{…}}`: "payload". An object (or array) there is
+    /// decoded by `decode`; a string is decoded as its text. A body that is not JSON or lacks
+    /// the path goes to `dead_letter`. Default: none (the whole body is decoded).
+    #[serde(default)]
+    pub body_path: Option<String>,
+    /// Dotted path of a string in a JSON body holding the message's MQTT topic (an IoT rule's
+    /// `topic() AS topic`): "topic". It is matched against `decode.topic_pattern`, whose
+    /// captures (`{device_id}`, `{tenant}`…) become tags. Without `body_path` the key is removed
+    /// from the decoded object. A body without it goes to `dead_letter`. Default: none.
+    #[serde(default)]
+    pub topic_path: Option<String>,
+    /// Message attributes that become tags: `true` for every attribute, a list of names for
+    /// those, `false` for none. Only String and Number attributes (Binary ones are skipped); a
+    /// tag already set by the decoder (payload `tags`, topic captures) is kept. The attributes
+    /// are requested in `ReceiveMessage` only when this is set. Default false.
+    #[serde(default)]
+    pub attributes_as_tags: AttributeTags,
+}
+
+/// Which message attributes become tags (`attributes_as_tags`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum AttributeTags {
+    /// `true`: every String / Number attribute; `false`: none.
+    All(bool),
+    /// These attributes only.
+    Names(Vec<String>),
+}
+
+impl Default for AttributeTags {
+    fn default() -> Self {
+        AttributeTags::All(false)
+    }
+}
+
+impl AttributeTags {
+    /// Names for `ReceiveMessage`'s `MessageAttributeNames`; empty: request none.
+    fn request(&self) -> Vec<String> {
+        match self {
+            AttributeTags::All(true) => vec!["All".to_string()],
+            AttributeTags::All(false) => Vec::new(),
+            AttributeTags::Names(names) => names.clone(),
+        }
+    }
 }
 
 fn default_receivers() -> usize {
@@ -149,6 +217,9 @@ impl SqsConfig {
             visibility_timeout: default_visibility_timeout(),
             on_rejected: OnRejected::default(),
             decode: DecodeConfig::default(),
+            body_path: None,
+            topic_path: None,
+            attributes_as_tags: AttributeTags::default(),
         }
     }
 
@@ -178,7 +249,194 @@ impl SqsConfig {
                 self.visibility_timeout
             ));
         }
+        Envelope::new(self)?;
+        if let AttributeTags::Names(names) = &self.attributes_as_tags {
+            if let Some(bad) = names.iter().find(|n| n.is_empty() || n.as_str() == "All") {
+                return Err(format!(
+                    "`attributes_as_tags` holds {bad:?}: list attribute names, or use `true` for all"
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+/// Where the record and the topic are inside a JSON body (`body_path`, `topic_path`).
+#[derive(Debug, Clone)]
+struct Envelope {
+    body: Option<Path>,
+    topic: Option<Path>,
+}
+
+/// A dotted path into a JSON body, kept as written for error messages.
+#[derive(Debug, Clone)]
+struct Path {
+    text: String,
+    keys: Vec<String>,
+}
+
+impl Path {
+    fn parse(option: &str, text: &str) -> Result<Self, String> {
+        let keys: Vec<String> = text.split('.').map(str::to_string).collect();
+        if keys.iter().any(String::is_empty) {
+            return Err(format!(
+                "`{option}` = {text:?}: expected dotted keys such as \"payload\" or \"msg.payload\""
+            ));
+        }
+        Ok(Path {
+            text: text.to_string(),
+            keys,
+        })
+    }
+
+    fn get<'a>(&self, v: &'a Json) -> Option<&'a Json> {
+        self.keys.iter().try_fold(v, |v, k| v.as_object()?.get(k))
+    }
+
+    fn take(&self, v: &mut Json) -> Option<Json> {
+        let (last, parents) = self.keys.split_last()?;
+        let mut v = v;
+        for k in parents {
+            v = v.as_object_mut()?.get_mut(k)?;
+        }
+        v.as_object_mut()?.shift_remove(last)
+    }
+}
+
+impl Envelope {
+    /// `None` when neither option is set: the body is decoded as it is.
+    fn new(c: &SqsConfig) -> Result<Option<Self>, String> {
+        let body = c
+            .body_path
+            .as_deref()
+            .map(|p| Path::parse("body_path", p))
+            .transpose()?;
+        let topic = c
+            .topic_path
+            .as_deref()
+            .map(|p| Path::parse("topic_path", p))
+            .transpose()?;
+        Ok((body.is_some() || topic.is_some()).then_some(Envelope { body, topic }))
+    }
+
+    /// Splits a body into the payload to decode and the topic.
+    fn open(&self, body: &[u8]) -> Result<(Bytes, Option<String>), DecodeError> {
+        let mut v: Json = serde_json::from_slice(body)
+            .map_err(|e| DecodeError(format!("body is not a JSON envelope: {e}")))?;
+        let topic = match &self.topic {
+            None => None,
+            Some(p) => match p.get(&v) {
+                Some(Json::String(s)) => Some(s.clone()),
+                Some(other) => {
+                    return Err(DecodeError(format!(
+                        "`topic_path` {:?} is {}, expected a string",
+                        p.text,
+                        json_kind(other)
+                    )))
+                }
+                None => {
+                    return Err(DecodeError(format!(
+                        "`topic_path` {:?} is not in the body",
+                        p.text
+                    )))
+                }
+            },
+        };
+        let part = match (&self.body, &self.topic) {
+            (Some(p), _) => p.take(&mut v).ok_or_else(|| {
+                DecodeError(format!("`body_path` {:?} is not in the body", p.text))
+            })?,
+            // `SELECT *, topic() AS topic`: the topic is envelope, not a measurement.
+            (None, Some(t)) => {
+                t.take(&mut v);
+                v
+            }
+            (None, None) => v,
+        };
+        let payload = match part {
+            Json::String(s) => Bytes::from(s.into_bytes()),
+            Json::Null => {
+                return Err(DecodeError(format!(
+                    "`body_path` {:?} is null",
+                    self.body.as_ref().map_or("", |p| p.text.as_str())
+                )))
+            }
+            other => {
+                Bytes::from(serde_json::to_vec(&other).map_err(|e| DecodeError(e.to_string()))?)
+            }
+        };
+        Ok((payload, topic))
+    }
+}
+
+fn json_kind(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+/// Turns message attributes into tags (`attributes_as_tags`), caching the tag names.
+struct AttributeTagger {
+    wanted: AttributeTags,
+    names: HashMap<String, Name>,
+}
+
+impl AttributeTagger {
+    fn new(wanted: AttributeTags) -> Option<Self> {
+        (wanted != AttributeTags::All(false)).then(|| AttributeTagger {
+            wanted,
+            names: HashMap::new(),
+        })
+    }
+
+    /// The String / Number attributes wanted, as tags (sorted by name: a stable order).
+    fn tags(
+        &mut self,
+        attributes: &HashMap<String, MessageAttributeValue>,
+    ) -> Vec<(Name, Arc<str>)> {
+        let mut tags = Vec::new();
+        for (name, value) in attributes {
+            if let AttributeTags::Names(wanted) = &self.wanted {
+                if !wanted.iter().any(|w| w == name) {
+                    continue;
+                }
+            }
+            // Custom types extend the base type: "Number.float", "String.uuid".
+            let dt = value.data_type.as_str();
+            if !(dt.starts_with("String") || dt.starts_with("Number")) {
+                continue;
+            }
+            let Some(v) = value.string_value.as_deref() else {
+                continue;
+            };
+            let n = match self.names.get(name) {
+                Some(n) => n.clone(),
+                None => {
+                    let n = intern(name);
+                    if self.names.len() < 1024 {
+                        self.names.insert(name.clone(), n.clone());
+                    }
+                    n
+                }
+            };
+            tags.push((n, Arc::from(v)));
+        }
+        tags.sort_by(|a, b| a.0.cmp(&b.0));
+        tags
+    }
+}
+
+/// Adds `tags` to `record` where it has no tag of that name yet.
+fn add_tags(record: &mut Record, tags: &[(Name, Arc<str>)]) {
+    for (n, v) in tags {
+        if !record.tags.iter().any(|(k, _)| k == n) {
+            record.tags.push((n.clone(), v.clone()));
+        }
     }
 }
 
@@ -369,6 +627,9 @@ async fn receive(
     shutdown: CancellationToken,
 ) -> Result<(), BoxError> {
     let mut decoder = Decoder::new(config.decode.clone())?;
+    let envelope = Envelope::new(&config)?;
+    let mut tagger = AttributeTagger::new(config.attributes_as_tags.clone());
+    let attribute_names = config.attributes_as_tags.request();
     let received = metrics.counter("received");
     let in_flight = metrics.gauge("in_flight");
     let wait = config.wait_time.0.as_secs() as i32;
@@ -385,6 +646,9 @@ async fn receive(
             .wait_time_seconds(wait)
             .visibility_timeout(visibility)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .set_message_attribute_names(
+                (!attribute_names.is_empty()).then(|| attribute_names.clone()),
+            )
             .send();
         let answer = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -441,7 +705,29 @@ async fn receive(
                 },
                 ..Meta::default()
             };
-            decoded.push(&mut decoder, body, None, received_ns, meta);
+            let first = decoded.records.len();
+            match &envelope {
+                // Too big a body is left to the decoder, which dead-letters it unparsed.
+                Some(envelope) if body.len() as u64 <= config.decode.max_payload.0 => {
+                    match envelope.open(&body) {
+                        Ok((payload, topic)) => {
+                            decoded.push(&mut decoder, payload, topic.as_deref(), received_ns, meta)
+                        }
+                        Err(e) => {
+                            decoded
+                                .dead
+                                .push(Decoder::dead_letter(body, received_ns, meta, &e))
+                        }
+                    }
+                }
+                _ => decoded.push(&mut decoder, body, None, received_ns, meta),
+            }
+            if let (Some(tagger), Some(attributes)) = (&mut tagger, &m.message_attributes) {
+                let tags = tagger.tags(attributes);
+                for r in &mut decoded.records[first..] {
+                    add_tags(r, &tags);
+                }
+            }
         }
         received.fetch_add(handles.len() as i64, Ordering::Relaxed);
         in_flight.fetch_add(handles.len() as i64, Ordering::Relaxed);
@@ -708,5 +994,230 @@ mod tests {
         assert_eq!(c.wait_time.0, Duration::from_secs(1));
         assert_eq!(c.on_rejected, OnRejected::Delete);
         assert!(toml::from_str::<SqsConfig>("queue_url = \"q\"\nbogus = 1").is_err());
+        assert_eq!(c.attributes_as_tags, AttributeTags::All(false));
+        assert!(c.body_path.is_none() && c.topic_path.is_none());
+    }
+
+    fn config(toml_text: &str) -> SqsConfig {
+        toml::from_str(&format!("queue_url = \"http://q\"\n{toml_text}")).expect("valid config")
+    }
+
+    /// Runs one body through the envelope (if configured) and the decoder, as `receive` does.
+    fn decode(c: &SqsConfig, body: &str) -> Decoded {
+        let mut decoder = Decoder::new(c.decode.clone()).expect("decoder");
+        let mut out = Decoded::default();
+        let body = Bytes::from(body.to_string());
+        match Envelope::new(c).expect("valid paths") {
+            Some(e) => match e.open(&body) {
+                Ok((payload, topic)) => {
+                    out.push(&mut decoder, payload, topic.as_deref(), 7, Meta::default())
+                }
+                Err(err) => out
+                    .dead
+                    .push(Decoder::dead_letter(body, 7, Meta::default(), &err)),
+            },
+            None => out.push(&mut decoder, body, None, 7, Meta::default()),
+        }
+        out
+    }
+
+    fn error(d: &Decoded) -> String {
+        assert!(
+            d.records.is_empty(),
+            "expected a dead letter: {:?}",
+            d.records
+        );
+        d.dead[0]
+            .meta
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    const IOT: &str = r#"body_path = "payload"
+topic_path = "topic"
+decode = { topic_pattern = "dt/{tenant}/{project}/{device_id}/telemetry", tags = ["device_status"], keep_payload = true }"#;
+
+    #[test]
+    fn iot_envelope_payload_and_topic() {
+        let c = config(IOT);
+        let d = decode(
+            &c,
+            r#"{"topic":"dt/acme/p1/dev-7/telemetry","payload":{"ts":1764000000000,"temp":21.5,"humidity":40,"voltage":3.3,"device_status":"online"}}"#,
+        );
+        assert!(d.dead.is_empty(), "{:?}", d.dead);
+        let r = &d.records[0];
+        assert_eq!(r.time, 1_764_000_000_000_000_000);
+        assert_eq!(r.tag("device_id"), Some("dev-7"));
+        assert_eq!(r.tag("tenant"), Some("acme"));
+        assert_eq!(r.tag("project"), Some("p1"));
+        assert_eq!(r.tag("device_status"), Some("online"));
+        assert_eq!(r.field("temp").and_then(|v| v.as_f64()), Some(21.5));
+        assert!(r.field("topic").is_none(), "the envelope is not decoded");
+        assert_eq!(r.fields.len(), 3, "temp, humidity, voltage: {:?}", r.fields);
+        // keep_payload keeps the device JSON (re-serialized, key order kept), not the envelope.
+        assert_eq!(
+            r.payload.as_deref(),
+            Some(&br#"{"ts":1764000000000,"temp":21.5,"humidity":40,"voltage":3.3,"device_status":"online"}"#[..])
+        );
+    }
+
+    #[test]
+    fn select_star_with_topic_drops_the_topic_key() {
+        // `SELECT *, topic() AS topic`: device keys and the topic side by side.
+        let c = config(
+            r#"topic_path = "meta.topic"
+decode = { topic_pattern = "devices/{device_id}/data" }"#,
+        );
+        let d = decode(
+            &c,
+            r#"{"temp":1.5,"meta":{"topic":"devices/d9/data","qos":1}}"#,
+        );
+        let r = &d.records[0];
+        assert_eq!(r.tag("device_id"), Some("d9"));
+        assert_eq!(r.field("temp").and_then(|v| v.as_f64()), Some(1.5));
+        assert!(r.field("meta.topic").is_none());
+        assert_eq!(r.field("meta.qos").and_then(|v| v.as_f64()), Some(1.0));
+    }
+
+    #[test]
+    fn dotted_body_path_and_string_payloads() {
+        let c = config("body_path = \"msg.data\"\ndecode = { codec = \"line_protocol\" }");
+        let d = decode(
+            &c,
+            r#"{"msg":{"data":"weather,site=a temp=2 1700000000000"}}"#,
+        );
+        assert_eq!(d.records.len(), 1, "{:?}", d.dead);
+        assert_eq!(d.records[0].tag("site"), Some("a"));
+        let raw = config("body_path = \"p\"\ndecode = { codec = \"raw\" }");
+        let d = decode(&raw, r#"{"p":{"a":[1,2]}}"#);
+        assert_eq!(
+            d.records[0].payload.as_deref(),
+            Some(&br#"{"a":[1,2]}"#[..])
+        );
+    }
+
+    #[test]
+    fn bad_envelopes_are_dead_lettered_with_the_whole_body() {
+        let c = config(IOT);
+        let cases = [
+            ("not json", "not a JSON envelope"),
+            (r#"[1,2]"#, "`topic_path` \"topic\" is not in the body"),
+            (
+                r#"{"payload":{"temp":1}}"#,
+                "`topic_path` \"topic\" is not in the body",
+            ),
+            (
+                r#"{"topic":7,"payload":{}}"#,
+                "is a number, expected a string",
+            ),
+            (
+                r#"{"topic":"dt/a/b/c/telemetry"}"#,
+                "`body_path` \"payload\" is not in the body",
+            ),
+            (
+                r#"{"topic":"dt/a/b/c/telemetry","payload":null}"#,
+                "is null",
+            ),
+            (
+                r#"{"topic":"other/x","payload":{"temp":1}}"#,
+                "does not match topic_pattern",
+            ),
+            (
+                r#"{"topic":"dt/a/b/c/telemetry","payload":[1]}"#,
+                "expected a JSON object",
+            ),
+        ];
+        for (body, expected) in cases {
+            let d = decode(&c, body);
+            let e = error(&d);
+            assert!(e.contains(expected), "{body}: {e}");
+        }
+        // The dead letter of an envelope error keeps the original body.
+        let d = decode(&c, r#"{"payload":{"temp":1}}"#);
+        assert_eq!(
+            d.dead[0].payload.as_deref(),
+            Some(&br#"{"payload":{"temp":1}}"#[..])
+        );
+    }
+
+    #[test]
+    fn bad_paths_and_attribute_lists_fail_validation() {
+        for bad in [
+            "body_path = \"\"",
+            "body_path = \"a..b\"",
+            "topic_path = \".t\"",
+        ] {
+            let e = config(bad).validate().expect_err(bad);
+            assert!(e.contains("dotted keys"), "{e}");
+        }
+        assert!(config("attributes_as_tags = [\"\"]").validate().is_err());
+        assert!(config("attributes_as_tags = [\"All\"]").validate().is_err());
+        assert!(config("attributes_as_tags = [\"site\"]").validate().is_ok());
+        assert!(toml::from_str::<SqsConfig>("queue_url = \"q\"\nattributes_as_tags = 3").is_err());
+    }
+
+    fn attribute(data_type: &str, value: &str) -> MessageAttributeValue {
+        MessageAttributeValue::builder()
+            .data_type(data_type)
+            .string_value(value)
+            .build()
+            .expect("attribute")
+    }
+
+    #[test]
+    fn attributes_become_tags() {
+        let attributes = HashMap::from([
+            ("site".to_string(), attribute("String", "berlin")),
+            ("rssi".to_string(), attribute("Number.int", "-70")),
+            (
+                "blob".to_string(),
+                MessageAttributeValue::builder()
+                    .data_type("Binary")
+                    .binary_value(aws_sdk_sqs::primitives::Blob::new(vec![1u8, 2]))
+                    .build()
+                    .expect("attribute"),
+            ),
+            (
+                "device_id".to_string(),
+                attribute("String", "from-attribute"),
+            ),
+        ]);
+        let mut all = AttributeTagger::new(AttributeTags::All(true)).expect("tagger");
+        let tags = all.tags(&attributes);
+        let names: Vec<&str> = tags.iter().map(|(n, _)| &**n).collect();
+        assert_eq!(
+            names,
+            vec!["device_id", "rssi", "site"],
+            "binary skipped, sorted"
+        );
+        let mut some =
+            AttributeTagger::new(AttributeTags::Names(vec!["site".into(), "absent".into()]))
+                .expect("tagger");
+        let tags = some.tags(&attributes);
+        assert_eq!(tags.len(), 1);
+        assert_eq!(&*tags[0].1, "berlin");
+        assert!(AttributeTagger::new(AttributeTags::All(false)).is_none());
+
+        // A tag set by the decoder wins over an attribute of the same name.
+        let mut r = Record::new(0);
+        r.tags.push((intern("device_id"), Arc::from("from-topic")));
+        add_tags(&mut r, &all.tags(&attributes));
+        assert_eq!(r.tag("device_id"), Some("from-topic"));
+        assert_eq!(r.tag("rssi"), Some("-70"));
+        assert_eq!(r.tag("site"), Some("berlin"));
+    }
+
+    #[test]
+    fn attribute_requests() {
+        assert!(AttributeTags::All(false).request().is_empty());
+        assert_eq!(AttributeTags::All(true).request(), vec!["All"]);
+        let c = config("attributes_as_tags = [\"site\", \"rssi\"]");
+        assert_eq!(c.attributes_as_tags.request(), vec!["site", "rssi"]);
+        assert_eq!(
+            config("attributes_as_tags = true").attributes_as_tags,
+            AttributeTags::All(true)
+        );
     }
 }

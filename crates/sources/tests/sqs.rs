@@ -434,3 +434,114 @@ async fn shutdown_waits_for_pending_batches_then_deletes() {
     assert_eq!(run.counter("deleted"), 1, "deleted before run returned");
     assert_empty(&client, &url).await;
 }
+
+/// An AWS IoT rule envelope with message attributes: `body_path` / `topic_path` pick the device
+/// JSON and the topic, `decode.topic_pattern` turns the topic into tags, and the attributes the
+/// source asked for (`attributes_as_tags`) become tags too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iot_rule_envelope_and_attributes_become_tags() {
+    use aws_sdk_sqs::types::MessageAttributeValue;
+    let (client, url) = queue("envelope").await;
+    let attribute = |t: &str, v: &str| {
+        MessageAttributeValue::builder()
+            .data_type(t)
+            .string_value(v)
+            .build()
+            .expect("attribute")
+    };
+    let entry = |id: &str, body: &str| {
+        SendMessageBatchRequestEntry::builder()
+            .id(id)
+            .message_body(body)
+            .message_attributes("site", attribute("String", "berlin"))
+            .message_attributes("rssi", attribute("Number", "-70"))
+            .message_attributes("ignored", attribute("String", "x"))
+    };
+    let entries = vec![
+        entry(
+            "good",
+            r#"{"topic":"dt/acme/p1/dev-7/telemetry","payload":{"ts":1764000000000,"temp":21.5,"humidity":40.2,"voltage":3.31,"device_status":"online"}}"#,
+        )
+        .build()
+        .expect("entry"),
+        entry("no-topic", r#"{"payload":{"temp":1}}"#)
+            .build()
+            .expect("entry"),
+    ];
+    let sent = client
+        .send_message_batch()
+        .queue_url(&url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .expect("SendMessageBatch");
+    assert!(sent.failed.is_empty(), "{:?}", sent.failed);
+
+    let mut run = start(&url, 1, |c| {
+        c.on_rejected = OnRejected::Delete;
+        c.body_path = Some("payload".into());
+        c.topic_path = Some("topic".into());
+        c.attributes_as_tags = sqs::AttributeTags::Names(vec!["site".into(), "rssi".into()]);
+        c.decode.topic_pattern = Some("dt/{tenant}/{project}/{device_id}/telemetry".into());
+        c.decode.tags = vec!["device_status".into()];
+    })
+    .await;
+    // moto may hand the two messages out in one answer or in two.
+    let mut good = None;
+    let mut dead = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while good.is_none() || dead.is_none() {
+        assert!(Instant::now() < deadline, "good {good:?}, dead {dead:?}");
+        tokio::select! {
+            Some(mut b) = run.input.recv() => {
+                if let Some(r) = b.records.first() {
+                    // A clone holds the batch's finalizer too: resolve it, keep the data.
+                    let mut r = r.clone();
+                    r.finalize(BatchStatus::Delivered);
+                    good = Some(r);
+                }
+                b.finalize(BatchStatus::Delivered);
+            }
+            Some(mut b) = run.dead.recv() => {
+                if let Some(r) = b.records.first() {
+                    // A clone holds the batch's finalizer too: resolve it, keep the data.
+                    let mut r = r.clone();
+                    r.finalize(BatchStatus::Delivered);
+                    dead = Some(r);
+                }
+                b.finalize(BatchStatus::Delivered);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    let r = good.expect("decoded record");
+    assert_eq!(r.tag("device_id"), Some("dev-7"));
+    assert_eq!(r.tag("tenant"), Some("acme"));
+    assert_eq!(r.tag("project"), Some("p1"));
+    assert_eq!(r.tag("device_status"), Some("online"));
+    assert_eq!(r.tag("site"), Some("berlin"));
+    assert_eq!(r.tag("rssi"), Some("-70"));
+    assert_eq!(r.tag("ignored"), None, "only the listed attributes");
+    assert_eq!(r.time, 1_764_000_000_000_000_000);
+    for (k, v) in [("temp", 21.5), ("humidity", 40.2), ("voltage", 3.31)] {
+        assert_eq!(r.field(k).and_then(|f| f.as_f64()), Some(v), "{k}");
+    }
+    assert!(r.field("topic").is_none());
+    let d = dead.expect("dead letter");
+    assert!(
+        d.meta
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("`topic_path` \"topic\" is not in the body"),
+        "{:?}",
+        d.meta.error
+    );
+    assert_eq!(
+        d.payload.as_deref(),
+        Some(&br#"{"payload":{"temp":1}}"#[..])
+    );
+    run.deleted(2).await;
+    run.stop().await;
+    assert_empty(&client, &url).await;
+}
