@@ -51,8 +51,9 @@
 //! `ApproximateNumberOfMessages`, polled every 10 s), and the standard `in` / `bytes`.
 //!
 //! **Structure.** Receiver tasks receive, decode and send; one acknowledgement task waits on
-//! the batches' statuses (in any order: SQS has no ordering constraint on deletes), deletes or
-//! releases them and extends the visibility of slow ones. On shutdown the receivers stop, the
+//! the batches' statuses (in any order: SQS has no ordering constraint on deletes), deletes
+//! them (up to 16 `DeleteMessageBatch` calls at once) or releases them and extends the
+//! visibility of slow ones. On shutdown the receivers stop, the
 //! outputs are dropped so downstream drains, and the acknowledgement task finishes every
 //! pending batch before `run` returns.
 
@@ -93,6 +94,9 @@ use tokio_util::sync::CancellationToken;
 const MAX_BATCH_ENTRIES: usize = 10;
 /// Concurrent `ChangeMessageVisibilityBatch` calls when many batches are due at once.
 const VISIBILITY_CONCURRENCY: usize = 8;
+/// Concurrent `DeleteMessageBatch` calls: one call at a time would cap a source at ~10 messages
+/// per round trip, whatever `receivers` is.
+const DELETE_CONCURRENCY: usize = 16;
 /// Attempts at deleting one message before giving up (it then comes back after its
 /// visibility timeout: a duplicate, never a loss).
 const DELETE_ATTEMPTS: u32 = 5;
@@ -495,6 +499,7 @@ struct Pending {
     receive_count: u32,
 }
 
+#[derive(Clone)]
 struct Metrics {
     in_flight: Arc<AtomicI64>,
     deleted: Arc<AtomicI64>,
@@ -766,11 +771,12 @@ async fn acknowledge(
     let mut next_id: u64 = 0;
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut statuses = FuturesUnordered::new();
+    let mut deletes = FuturesUnordered::new();
     let mut open = true;
     // Check often enough that an extension goes out well before the timeout expires.
     let mut tick = tokio::time::interval((visibility / 10).max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while open || !statuses.is_empty() {
+    while open || !statuses.is_empty() || !deletes.is_empty() {
         tokio::select! {
             p = pending_rx.recv(), if open => match p {
                 Some((p, status)) => {
@@ -781,24 +787,35 @@ async fn acknowledge(
                 }
                 None => open = false,
             },
-            Some((id, status)) = statuses.next() => {
+            // Deletes run concurrently (up to DELETE_CONCURRENCY); taking no new status while
+            // that many are running holds the receivers back through the pending channel.
+            Some((id, status)) = statuses.next(), if deletes.len() < DELETE_CONCURRENCY => {
                 let Some(p) = pending.remove(&id) else { continue };
                 let n = p.handles.len() as i64;
-                match status {
-                    BatchStatus::Delivered => delete(&client, &config, &name, &metrics, p.handles).await,
-                    BatchStatus::Rejected if config.on_rejected == OnRejected::Delete => {
-                        delete(&client, &config, &name, &metrics, p.handles).await
-                    }
-                    BatchStatus::Rejected => {
-                        tracing::debug!(source = %name, messages = n, "rejected: left for the queue's redrive policy");
-                    }
-                    BatchStatus::Errored => {
-                        let delay = retry_delay(p.receive_count, visibility);
-                        set_visibility(&client, &config, &name, &p.handles, delay).await;
-                    }
+                let remove = match status {
+                    BatchStatus::Delivered => true,
+                    BatchStatus::Rejected => config.on_rejected == OnRejected::Delete,
+                    BatchStatus::Errored => false,
+                };
+                if remove {
+                    deletes.push(delete_batch(
+                        client.clone(),
+                        config.clone(),
+                        name.clone(),
+                        metrics.clone(),
+                        p.handles,
+                    ));
+                    continue;
+                }
+                if status == BatchStatus::Errored {
+                    let delay = retry_delay(p.receive_count, visibility);
+                    set_visibility(&client, &config, &name, &p.handles, delay).await;
+                } else {
+                    tracing::debug!(source = %name, messages = n, "rejected: left for the queue's redrive policy");
                 }
                 metrics.in_flight.fetch_sub(n, Ordering::Relaxed);
             }
+            Some(()) = deletes.next(), if !deletes.is_empty() => {}
             _ = tick.tick() => {
                 let now = Instant::now();
                 // Every due batch in one round of concurrent calls: a backlog of slow batches
@@ -832,7 +849,22 @@ fn retry_delay(receive_count: u32, visibility: Duration) -> i32 {
     n.saturating_mul(n).min(visibility.as_secs()) as i32
 }
 
-/// Deletes `handles` in calls of at most 10, retrying failed entries with backoff.
+/// Deletes a resolved batch's messages, then counts them out of `in_flight`.
+async fn delete_batch(
+    client: Client,
+    config: Arc<SqsConfig>,
+    name: String,
+    metrics: Metrics,
+    handles: Vec<String>,
+) {
+    let n = handles.len() as i64;
+    delete(&client, &config, &name, &metrics, handles).await;
+    metrics.in_flight.fetch_sub(n, Ordering::Relaxed);
+}
+
+/// Deletes `handles` in calls of at most 10, retrying failed entries with backoff. Entries
+/// failed by the sender's fault (`ReceiptHandleIsInvalid`: the message was already deleted
+/// through another receipt, or its handle expired) are not retried: they cannot succeed.
 async fn delete(
     client: &Client,
     config: &SqsConfig,
@@ -868,10 +900,23 @@ async fn delete(
                 .await
             {
                 Ok(out) => {
-                    let failed: Vec<String> = out.failed.into_iter().map(|f| f.id).collect();
-                    let ok = left.len() - failed.len();
+                    let ok = left.len().saturating_sub(out.failed.len());
                     metrics.deleted.fetch_add(ok as i64, Ordering::Relaxed);
-                    left.retain(|(i, _)| failed.contains(&i.to_string()));
+                    let mut retry = Vec::new();
+                    for f in out.failed {
+                        if f.sender_fault {
+                            metrics.delete_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                source = %name,
+                                code = %f.code,
+                                message = f.message.as_deref().unwrap_or(""),
+                                "sqs DeleteMessageBatch entry refused; the message may be received again (a duplicate)"
+                            );
+                        } else {
+                            retry.push(f.id);
+                        }
+                    }
+                    left.retain(|(i, _)| retry.contains(&i.to_string()));
                 }
                 Err(e) => tracing::warn!(
                     source = %name,
