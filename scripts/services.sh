@@ -10,11 +10,12 @@
 # Services: mosquitto (MQTT, 1883), moto (S3 and other AWS APIs, 5000; its venv also holds
 # DuckDB + httpfs, pyarrow and awscli, the independent readers the tests verify output with). State, logs and pid files live under
 # $SLUICE_SERVICES_DIR (default /tmp/sluice-services). victoriametrics (InfluxDB 2.x write API
-# /api/v2/write, read back through /api/v1/export, 8428).
+# /api/v2/write, read back through /api/v1/export, 8428). tansu (Kafka-compatible broker, 9092;
+# built once with `cargo install` into $SLUICE_TANSU_ROOT, default ~/.cache/sluice/tansu).
 set -euo pipefail
 
 DIR="${SLUICE_SERVICES_DIR:-/tmp/sluice-services}"
-ALL_SERVICES=(mosquitto moto victoriametrics)
+ALL_SERVICES=(mosquitto moto victoriametrics tansu)
 mkdir -p "$DIR"
 
 log() { echo "[services] $*" >&2; }
@@ -135,6 +136,42 @@ victoriametrics_stop() {
 }
 
 victoriametrics_status() { port_open 8428 && echo "victoriametrics: up (127.0.0.1:8428)" || echo "victoriametrics: down"; }
+
+# --- tansu (Kafka API on 9092) ----------------------------------------------------------------
+# A Kafka-compatible broker written in Rust (Apache-2.0); in-memory storage, so every start is
+# empty. Built from crates.io once (debug build: ~4 min; a release build takes far longer) and
+# cached outside the checkout so fresh clones reuse it.
+TANSU_VERSION=0.6.0
+TANSU_ROOT="${SLUICE_TANSU_ROOT:-$HOME/.cache/sluice/tansu}"
+TANSU="$TANSU_ROOT/bin/tansu"
+
+tansu_install() {
+  if [ -x "$TANSU" ] && "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then return 0; fi
+  log "building tansu $TANSU_VERSION with cargo install (a few minutes, once)"
+  apt_install pkg-config
+  cargo install "tansu@$TANSU_VERSION" --locked --features dynostore --debug --quiet \
+    --root "$TANSU_ROOT" --target-dir "$TANSU_ROOT/target"
+  rm -rf "$TANSU_ROOT/target"
+}
+
+tansu_start() {
+  tansu_install
+  if port_open 9092; then log "tansu already listening on 9092"; return 0; fi
+  setsid "$TANSU" broker --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \
+    >> "$DIR/tansu.log" 2>&1 < /dev/null &
+  echo $! > "$DIR/tansu.pid"
+  wait_port tansu 9092 300
+  log "tansu ready on 127.0.0.1:9092 (Kafka API, in-memory storage)"
+}
+
+tansu_stop() {
+  if [ -f "$DIR/tansu.pid" ]; then kill "$(cat "$DIR/tansu.pid")" 2>/dev/null || true; rm -f "$DIR/tansu.pid"; fi
+  pkill -f "$TANSU broker" 2>/dev/null || true
+  for _ in $(seq 100); do port_open 9092 || break; sleep 0.1; done
+}
+
+tansu_status() { port_open 9092 && echo "tansu: up (127.0.0.1:9092)" || echo "tansu: down"; }
 
 # --- dispatch ----------------------------------------------------------------------------------
 cmd=${1:-status}

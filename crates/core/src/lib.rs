@@ -21,6 +21,7 @@ pub mod record;
 pub mod registry;
 pub mod sink;
 pub mod source;
+pub mod testing;
 pub mod topic;
 pub mod topology;
 pub mod transform;

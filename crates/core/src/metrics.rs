@@ -54,6 +54,9 @@ pub struct ComponentMetrics {
     latency_ns_sum: AtomicU64,
     latency_count: AtomicU64,
     extra: Mutex<BTreeMap<&'static str, Arc<AtomicI64>>>,
+    /// Gauges with labels beyond the component (e.g. per Kafka partition), keyed by name and
+    /// the rendered label list.
+    labeled: Mutex<BTreeMap<(&'static str, String), Arc<AtomicI64>>>,
 }
 
 impl ComponentMetrics {
@@ -72,6 +75,7 @@ impl ComponentMetrics {
             latency_ns_sum: AtomicU64::new(0),
             latency_count: AtomicU64::new(0),
             extra: Mutex::new(BTreeMap::new()),
+            labeled: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -111,6 +115,21 @@ impl ComponentMetrics {
     /// incremented. Rendered with a `_total` suffix when its name ends with `_total`.
     pub fn counter(&self, name: &'static str) -> Arc<AtomicI64> {
         self.gauge(name)
+    }
+
+    /// A gauge with extra labels, e.g. `consumer_lag` per `topic` and `partition`; rendered as
+    /// `sluice_source_consumer_lag{component="…",topic="…",partition="3"}`.
+    pub fn labeled_gauge(&self, name: &'static str, labels: &[(&str, &str)]) -> Arc<AtomicI64> {
+        let mut rendered = String::new();
+        for (k, v) in labels {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            let _ = write!(rendered, ",{k}=\"{v}\"");
+        }
+        let mut labeled = self.labeled.lock().unwrap_or_else(|p| p.into_inner());
+        labeled.entry((name, rendered)).or_default().clone()
     }
 
     /// A point-in-time copy of the counters.
@@ -248,6 +267,16 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "sluice_{}_{name}{{component=\"{}\"}} {}",
+                    m.kind.as_str(),
+                    m.name,
+                    v.load(Ordering::Relaxed)
+                );
+            }
+            let labeled = m.labeled.lock().unwrap_or_else(|p| p.into_inner());
+            for ((name, labels), v) in labeled.iter() {
+                let _ = writeln!(
+                    out,
+                    "sluice_{}_{name}{{component=\"{}\"{labels}}} {}",
                     m.kind.as_str(),
                     m.name,
                     v.load(Ordering::Relaxed)

@@ -2,8 +2,11 @@
 
 pub mod blackhole;
 pub mod console;
+pub mod encoding;
 pub mod file;
 pub mod influxdb;
+pub mod kafka;
+pub mod kafka_testing;
 pub mod line_protocol;
 pub mod mqtt;
 pub mod parquet;
@@ -22,5 +25,6 @@ pub fn register(registry: &mut Registry) {
         .sink::<parquet::ParquetSinkConfig>("parquet")
         .sink::<influxdb::InfluxDbConfig>("influxdb")
         .sink::<timestream::TimestreamConfig>("timestream")
-        .sink::<mqtt::MqttSinkConfig>("mqtt");
+        .sink::<mqtt::MqttSinkConfig>("mqtt")
+        .sink::<kafka::KafkaSinkConfig>("kafka");
 }

@@ -28,33 +28,22 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Number, Value as Json};
 use sluice_core::ack::{BatchStatus, Finalizers};
 use sluice_core::config::HumanDuration;
-use sluice_core::json;
 use sluice_core::metrics::ComponentMetrics;
-use sluice_core::record::{Record, Value};
+use sluice_core::record::Record;
 use sluice_core::registry::{BuildContext, SinkConfig};
 use sluice_core::sink::{BatchConfig, Sink, SinkContext, SinkInput};
 use sluice_core::BoxError;
 use sluice_mqtt::{ClientSettings, ConnectionConfig, Connector, Event, QoS};
 use tokio::sync::mpsc;
 
+pub use crate::encoding::Format;
+use crate::encoding::{payload, Template};
 pub use sluice_mqtt::{Protocol, TlsConfig};
 
-/// Payload written for each record.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Format {
-    /// A flat JSON object: `ts` (ms since the epoch), the tags and the fields; what the `mqtt`
-    /// source's `json` codec reads back (with `tags = [...]`).
-    #[default]
-    Json,
-    /// Sluice's record JSON (time, tags, fields, source, topic), as the `file` sink writes.
-    Record,
-    /// The record's raw payload as received (bridges); records without one are dead-lettered.
-    Raw,
-}
+/// Characters a topic name built from a template may not contain.
+const TOPIC_FORBIDDEN: &[char] = &['+', '#', '\0'];
 
 /// Publishes records to an MQTT broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -119,7 +108,7 @@ impl SinkConfig for MqttSinkConfig {
         }
         let connector = Connector::new(&self.connection, &cx.pipeline_id, &cx.name)?;
         let qos = sluice_mqtt::qos(self.qos)?;
-        let topic = TopicTemplate::new(&self.topic)?;
+        let topic = Template::new("topic", &self.topic, TOPIC_FORBIDDEN)?;
         if self.max_inflight == 0 {
             return Err("`max_inflight` must be at least 1".into());
         }
@@ -135,135 +124,9 @@ impl SinkConfig for MqttSinkConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum Part {
-    Text(String),
-    Name(String),
-}
-
-/// A compiled topic template.
-#[derive(Debug, Clone, PartialEq)]
-struct TopicTemplate {
-    source: String,
-    parts: Vec<Part>,
-}
-
-impl TopicTemplate {
-    fn new(template: &str) -> Result<Self, String> {
-        if template.is_empty() {
-            return Err("`topic` must not be empty".into());
-        }
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Text(rest[..open].to_string()));
-            }
-            let after = &rest[open + 1..];
-            let close = after
-                .find('}')
-                .ok_or_else(|| format!("`topic` = {template:?}: unclosed `{{`"))?;
-            let name = &after[..close];
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
-            {
-                return Err(format!(
-                    "`topic` = {template:?}: invalid placeholder `{{{name}}}`"
-                ));
-            }
-            parts.push(Part::Name(name.to_string()));
-            rest = &after[close + 1..];
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Text(rest.to_string()));
-        }
-        for p in &parts {
-            if let Part::Text(t) = p {
-                if t.contains(['+', '#', '}']) {
-                    return Err(format!(
-                        "`topic` = {template:?}: a topic name cannot contain `+`, `#` or a stray `}}`"
-                    ));
-                }
-            }
-        }
-        Ok(TopicTemplate {
-            source: template.to_string(),
-            parts,
-        })
-    }
-
-    fn render(&self, r: &Record) -> Result<String, String> {
-        let mut out = String::with_capacity(self.source.len() + 16);
-        for p in &self.parts {
-            match p {
-                Part::Text(t) => out.push_str(t),
-                Part::Name(n) => {
-                    let value = match (r.tag(n), r.field(n)) {
-                        (Some(t), _) => t.to_string(),
-                        (None, Some(v @ (Value::Str(_) | Value::I64(_) | Value::Bool(_)))) => {
-                            v.to_string()
-                        }
-                        _ => {
-                            return Err(format!(
-                                "topic {:?}: the record has no tag or string/integer field `{n}`",
-                                self.source
-                            ))
-                        }
-                    };
-                    if value.is_empty() || value.contains(['+', '#', '\0']) {
-                        return Err(format!(
-                            "topic {:?}: `{n}` = {value:?} cannot be part of a topic name",
-                            self.source
-                        ));
-                    }
-                    out.push_str(&value);
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-fn field_json(v: &Value) -> Json {
-    match v {
-        Value::F64(f) => Number::from_f64(*f).map(Json::Number).unwrap_or(Json::Null),
-        Value::I64(i) => Json::Number((*i).into()),
-        Value::Bool(b) => Json::Bool(*b),
-        Value::Str(s) => Json::String(s.to_string()),
-        Value::Null => Json::Null,
-    }
-}
-
-fn payload(format: Format, r: &Record) -> Result<Bytes, String> {
-    match format {
-        Format::Raw => r
-            .payload
-            .clone()
-            .ok_or_else(|| "the record has no raw payload (use format = \"json\")".to_string()),
-        Format::Record => serde_json::to_vec(&json::to_json(r))
-            .map(Bytes::from)
-            .map_err(|e| e.to_string()),
-        Format::Json => {
-            let mut obj = Map::with_capacity(1 + r.tags.len() + r.fields.len());
-            obj.insert("ts".into(), Json::Number((r.time / 1_000_000).into()));
-            for (k, v) in &r.tags {
-                obj.insert(k.to_string(), Json::String(v.to_string()));
-            }
-            for (k, v) in &r.fields {
-                obj.insert(k.to_string(), field_json(v));
-            }
-            serde_json::to_vec(&Json::Object(obj))
-                .map(Bytes::from)
-                .map_err(|e| e.to_string())
-        }
-    }
-}
-
 struct MqttSink {
     connector: Connector,
-    topic: TopicTemplate,
+    topic: Template,
     qos: QoS,
     retain: bool,
     format: Format,
@@ -510,6 +373,7 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_core::record::Value;
 
     fn record() -> Record {
         let mut r = Record::new(1_764_000_000_123_000_000);
@@ -520,30 +384,14 @@ mod tests {
     }
 
     #[test]
-    fn topic_templates() {
-        let t = TopicTemplate::new("alerts/{device_id}/{zone}").expect("valid");
+    fn topic_template_refuses_wildcards() {
+        let t =
+            Template::new("topic", "alerts/{device_id}/{zone}", TOPIC_FORBIDDEN).expect("valid");
         assert_eq!(t.render(&record()).expect("renders"), "alerts/dev-7/b");
-        let missing = TopicTemplate::new("alerts/{site}").expect("valid");
-        assert!(missing
-            .render(&record())
-            .expect_err("no site")
-            .contains("`site`"));
-        assert!(TopicTemplate::new("alerts/{device_id").is_err());
-        assert!(TopicTemplate::new("alerts/+").is_err());
-        assert!(TopicTemplate::new("").is_err());
+        assert!(Template::new("topic", "alerts/#", TOPIC_FORBIDDEN).is_err());
         let mut bad = record();
         bad.set_tag("device_id", "a+b");
         assert!(t.render(&bad).is_err());
-    }
-
-    #[test]
-    fn flat_json_payload() {
-        let p = payload(Format::Json, &record()).expect("json");
-        let v: Json = serde_json::from_slice(&p).expect("valid json");
-        assert_eq!(v["ts"], 1_764_000_000_123i64);
-        assert_eq!(v["device_id"], "dev-7");
-        assert_eq!(v["temp"], 31.5);
-        assert!(payload(Format::Raw, &record()).is_err());
     }
 
     #[test]

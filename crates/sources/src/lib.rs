@@ -1,6 +1,7 @@
 //! Sluice sources: one module per source type. [`register`] adds them all to a registry.
 
 pub mod file;
+pub mod kafka;
 pub mod mqtt;
 pub mod simulator;
 pub mod sqs;
@@ -15,5 +16,6 @@ pub fn register(registry: &mut Registry) {
         .source::<file::FileSourceConfig>("file")
         .source::<stdin::StdinConfig>("stdin")
         .source::<mqtt::MqttSourceConfig>("mqtt")
-        .source::<sqs::SqsConfig>("sqs");
+        .source::<sqs::SqsConfig>("sqs")
+        .source::<kafka::KafkaSourceConfig>("kafka");
 }

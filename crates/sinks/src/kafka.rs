@@ -1,0 +1,576 @@
+//! `kafka` sink: publishes records to Kafka (or a Kafka-compatible broker such as Redpanda or
+//! tansu) with an idempotent producer.
+//!
+//! ```toml
+//! [sinks.bus]
+//! type = "kafka"
+//! inputs = ["mqtt_in"]
+//! bootstrap_servers = "127.0.0.1:9092"
+//! topic = "iot-messages"
+//! key = "{tenant_id}/{device_id}"   # one device → one partition → its order is kept
+//! header_tags = ["tenant_id", "project_id"]
+//! compression = "snappy"
+//! format = "envelope"
+//! ```
+//!
+//! A record is acknowledged upstream only when the producer's delivery report says the broker
+//! stored it (with `acks = "all"`: every in-sync replica). Errors that no retry can fix —
+//! message too large, unknown or invalid topic, authorization, a topic or key template the
+//! record cannot fill — send the record to the sink's `dead_letter` output. Anything else
+//! (broker down, timeouts, leader changes) is retried: librdkafka retries internally until
+//! `message_timeout`, then the sink re-sends with backoff (`retry`), and after the last retry
+//! the batch is reported `Errored` so the source redelivers it.
+//!
+//! Idempotence (`enable.idempotence`, on by default) keeps librdkafka's internal retries from
+//! writing duplicates or reordering a partition; re-sends by the sink after a timeout can still
+//! duplicate a message (at-least-once).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::join_all;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sluice_core::ack::BatchStatus;
+use sluice_core::config::{ByteSize, HumanDuration};
+use sluice_core::metrics::ComponentMetrics;
+use sluice_core::record::{Batch, Record};
+use sluice_core::registry::{BuildContext, SinkConfig};
+use sluice_core::sink::{BatchConfig, Sink, SinkContext, SinkInput};
+use sluice_core::BoxError;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+pub use crate::encoding::Format;
+use crate::encoding::{payload, Template};
+use crate::retry::{Backoff, RetryConfig};
+
+/// Compression of produced batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// Broker acknowledgement the producer waits for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Acks {
+    /// Every in-sync replica stored the message (required for idempotence).
+    #[default]
+    #[serde(rename = "all")]
+    All,
+    /// The partition leader stored it.
+    #[serde(rename = "1")]
+    Leader,
+    /// No acknowledgement (fire and forget: a broker failure loses data).
+    #[serde(rename = "0")]
+    None,
+}
+
+impl Acks {
+    fn as_str(self) -> &'static str {
+        match self {
+            Acks::All => "all",
+            Acks::Leader => "1",
+            Acks::None => "0",
+        }
+    }
+}
+
+/// Publishes records to Kafka.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Comma-separated `host:port` list of brokers to bootstrap from, e.g. "127.0.0.1:9092".
+    /// Required.
+    pub bootstrap_servers: String,
+    /// Topic template: `{name}` becomes the record's tag (or field) `name`, e.g.
+    /// "telemetry-{tenant_id}". Required.
+    pub topic: String,
+    /// Message key template, e.g. "{device_id}": records with the same key go to the same
+    /// partition, so one device's order is kept. Default: no key (round-robin partitions).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Tags written as message headers (name = tag name, value = tag value), e.g.
+    /// ["tenant_id", "project_id"]. Records without such a tag get no header for it.
+    /// Default [].
+    #[serde(default)]
+    pub header_tags: Vec<String>,
+    /// Payload: "json" (flat object, default), "record" (sluice record JSON), "raw" (the
+    /// payload as received) or "envelope" (tags, mqtt_topic, payload, timestamp).
+    #[serde(default)]
+    pub format: Format,
+    /// Acknowledgement to wait for: "all" (default; every in-sync replica), "1" or "0".
+    #[serde(default)]
+    pub acks: Acks,
+    /// Idempotent producer: librdkafka's retries never duplicate or reorder a partition.
+    /// Needs `acks = "all"`. Default true.
+    #[serde(default = "default_true")]
+    pub idempotence: bool,
+    /// Batch compression: "none" (default), "gzip", "snappy", "lz4" or "zstd".
+    #[serde(default)]
+    pub compression: Compression,
+    /// How long the producer waits to fill a batch before sending it (`linger.ms`).
+    /// Default "5ms".
+    #[serde(default = "default_linger")]
+    pub linger: HumanDuration,
+    /// Most bytes per produced batch per partition (`batch.size`). Default "1MiB".
+    #[serde(default = "default_batch_size")]
+    pub batch_size: ByteSize,
+    /// How long librdkafka keeps retrying one message before reporting it failed
+    /// (`message.timeout.ms`). Default "60s".
+    #[serde(default = "default_message_timeout")]
+    pub message_timeout: HumanDuration,
+    /// Sink batches being delivered at the same time. Default 4.
+    #[serde(default = "default_in_flight")]
+    pub in_flight_batches: usize,
+    /// Re-sends of messages that failed with a transient error after `message_timeout`.
+    /// Default: 8 retries, "100ms" doubling to "30s".
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Any other librdkafka producer property (security.protocol, sasl.*, ssl.*, …), passed
+    /// as is; see librdkafka's CONFIGURATION.md. Default {}.
+    #[serde(default)]
+    pub librdkafka_options: BTreeMap<String, String>,
+    /// Batching of the input. Default: 1000 records / 10MiB / "10ms".
+    #[serde(default = "default_batch")]
+    pub batch: BatchConfig,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_linger() -> HumanDuration {
+    HumanDuration(Duration::from_millis(5))
+}
+fn default_batch_size() -> ByteSize {
+    ByteSize(1024 * 1024)
+}
+fn default_message_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_in_flight() -> usize {
+    4
+}
+fn default_batch() -> BatchConfig {
+    BatchConfig {
+        max_age: HumanDuration(Duration::from_millis(10)),
+        ..BatchConfig::default()
+    }
+}
+
+/// Characters Kafka does not allow in topic names are refused by the broker; the template
+/// only guards against the empty name and separators that cannot be meant.
+const TOPIC_FORBIDDEN: &[char] = &['/', ' ', '\0'];
+
+impl KafkaSinkConfig {
+    /// A sink publishing to `topic` on `bootstrap_servers`, other options at their defaults.
+    pub fn new(bootstrap_servers: &str, topic: &str) -> Self {
+        KafkaSinkConfig {
+            bootstrap_servers: bootstrap_servers.to_string(),
+            topic: topic.to_string(),
+            key: None,
+            header_tags: Vec::new(),
+            format: Format::default(),
+            acks: Acks::default(),
+            idempotence: true,
+            compression: Compression::default(),
+            linger: default_linger(),
+            batch_size: default_batch_size(),
+            message_timeout: default_message_timeout(),
+            in_flight_batches: default_in_flight(),
+            retry: RetryConfig::default(),
+            librdkafka_options: BTreeMap::new(),
+            batch: default_batch(),
+        }
+    }
+
+    /// The librdkafka producer properties for this configuration.
+    fn client_config(&self, client_id: &str) -> Result<ClientConfig, String> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err("`bootstrap_servers` is empty: set e.g. \"127.0.0.1:9092\"".into());
+        }
+        if self.idempotence && self.acks != Acks::All {
+            return Err(format!(
+                "`idempotence = true` needs `acks = \"all\"` (found \"{}\"); set idempotence = false to use weaker acks",
+                self.acks.as_str()
+            ));
+        }
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", client_id)
+            .set("acks", self.acks.as_str())
+            .set("enable.idempotence", self.idempotence.to_string())
+            .set("compression.type", self.compression.as_str())
+            .set("linger.ms", self.linger.0.as_millis().to_string())
+            .set(
+                "batch.size",
+                self.batch_size.0.min(i32::MAX as u64).to_string(),
+            )
+            .set(
+                "message.timeout.ms",
+                self.message_timeout.0.as_millis().max(1).to_string(),
+            );
+        for (k, v) in &self.librdkafka_options {
+            c.set(k, v);
+        }
+        Ok(c)
+    }
+}
+
+#[async_trait]
+impl SinkConfig for KafkaSinkConfig {
+    async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Sink>, BoxError> {
+        let topic = Template::new("topic", &self.topic, TOPIC_FORBIDDEN)?;
+        let key = match &self.key {
+            Some(k) => Some(Template::new("key", k, &[])?),
+            None => None,
+        };
+        if self.in_flight_batches == 0 {
+            return Err("`in_flight_batches` must be at least 1".into());
+        }
+        let client_id = format!("sluice-{}-{}", cx.pipeline_id, cx.name);
+        let producer: FutureProducer = self
+            .client_config(&client_id)?
+            .create()
+            .map_err(|e| format!("kafka producer: {e}"))?;
+        Ok(Box::new(KafkaSink {
+            shared: Arc::new(Shared {
+                producer,
+                topic,
+                key,
+                header_tags: self.header_tags.clone(),
+                format: self.format,
+                retry: self.retry,
+            }),
+            in_flight: self.in_flight_batches,
+            batch: self.batch,
+        }))
+    }
+}
+
+struct Shared {
+    producer: FutureProducer,
+    topic: Template,
+    key: Option<Template>,
+    header_tags: Vec<String>,
+    format: Format,
+    retry: RetryConfig,
+}
+
+struct KafkaSink {
+    shared: Arc<Shared>,
+    in_flight: usize,
+    batch: BatchConfig,
+}
+
+/// Whether a failed delivery can never succeed (the record is dead-lettered) rather than
+/// being worth another try.
+pub fn is_fatal(e: &KafkaError) -> bool {
+    let code = match e {
+        KafkaError::MessageProduction(code) => *code,
+        _ => return false,
+    };
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownPartition
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidMessage
+    )
+}
+
+/// One record ready to produce.
+struct Prepared {
+    topic: String,
+    key: Option<String>,
+    payload: Bytes,
+}
+
+/// What became of the messages of one send round.
+enum Outcome {
+    Delivered,
+    Fatal(String),
+    Transient(String),
+}
+
+impl Shared {
+    fn prepare(&self, r: &Record) -> Result<Prepared, String> {
+        let topic = self.topic.render(r)?;
+        let key = match &self.key {
+            Some(k) => Some(k.render(r)?),
+            None => None,
+        };
+        let payload = payload(self.format, r)?;
+        Ok(Prepared {
+            topic,
+            key,
+            payload,
+        })
+    }
+
+    fn headers(&self, r: &Record) -> Option<OwnedHeaders> {
+        let mut headers: Option<OwnedHeaders> = None;
+        for name in &self.header_tags {
+            if let Some(v) = r.tag(name) {
+                let h = headers
+                    .take()
+                    .unwrap_or_else(|| OwnedHeaders::new_with_capacity(2));
+                headers = Some(h.insert(Header {
+                    key: name,
+                    value: Some(v),
+                }));
+            }
+        }
+        headers
+    }
+
+    /// Produces every message and waits for all delivery reports.
+    async fn send_all(&self, items: &[(Prepared, Option<OwnedHeaders>)]) -> Vec<Outcome> {
+        let mut futures = Vec::with_capacity(items.len());
+        for (p, headers) in items {
+            let mut rec = FutureRecord::to(&p.topic).payload(&p.payload[..]);
+            if let Some(k) = &p.key {
+                rec = rec.key(k.as_str());
+            }
+            if let Some(h) = headers {
+                rec = rec.headers(h.clone());
+            }
+            loop {
+                match self.producer.send_result(rec) {
+                    Ok(f) => {
+                        futures.push(Ok(f));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // librdkafka's local queue is full: wait for deliveries to drain it.
+                        rec = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        futures.push(Err(e));
+                        break;
+                    }
+                }
+            }
+        }
+        let classify = |e: KafkaError| {
+            if is_fatal(&e) {
+                Outcome::Fatal(e.to_string())
+            } else {
+                Outcome::Transient(e.to_string())
+            }
+        };
+        join_all(futures.into_iter().map(|f| async move {
+            match f {
+                Ok(f) => match f.await {
+                    Ok(Ok(_)) => Outcome::Delivered,
+                    Ok(Err((e, _))) => classify(e),
+                    Err(_) => Outcome::Transient("producer shut down".into()),
+                },
+                // Refused before queueing (e.g. larger than message.max.bytes).
+                Err(e) => classify(e),
+            }
+        }))
+        .await
+    }
+}
+
+/// Writes one batch: dead-letters what cannot be written, retries transient failures, and
+/// reports the rest delivered (or errored after the last retry).
+async fn write(shared: Arc<Shared>, batch: Batch, cx: Arc<SinkContext>) {
+    let started = Instant::now();
+    let metrics: &ComponentMetrics = &cx.metrics;
+    let mut pending: Vec<(Record, Prepared, Option<OwnedHeaders>)> =
+        Vec::with_capacity(batch.len());
+    let mut rejected: Vec<(Record, String)> = Vec::new();
+    for r in batch.records {
+        match shared.prepare(&r) {
+            Ok(p) => {
+                let h = shared.headers(&r);
+                pending.push((r, p, h));
+            }
+            Err(e) => rejected.push((r, e)),
+        }
+    }
+    let mut delivered: Vec<Record> = Vec::with_capacity(pending.len());
+    let mut backoff = Backoff::new(shared.retry);
+    let mut errored: Vec<Record> = Vec::new();
+    while !pending.is_empty() {
+        let items: Vec<(Prepared, Option<OwnedHeaders>)> = pending
+            .iter_mut()
+            .map(|(_, p, h)| {
+                (
+                    Prepared {
+                        topic: std::mem::take(&mut p.topic),
+                        key: p.key.take(),
+                        payload: p.payload.clone(),
+                    },
+                    h.take(),
+                )
+            })
+            .collect();
+        let outcomes = shared.send_all(&items).await;
+        let mut retry = Vec::new();
+        let mut last_error = String::new();
+        for (((r, _, _), (p, h)), outcome) in pending.into_iter().zip(items).zip(outcomes) {
+            match outcome {
+                Outcome::Delivered => {
+                    metrics.add_bytes(p.payload.len());
+                    delivered.push(r);
+                }
+                Outcome::Fatal(e) => rejected.push((r, format!("kafka: {e}"))),
+                Outcome::Transient(e) => {
+                    last_error = e;
+                    retry.push((r, p, h));
+                }
+            }
+        }
+        pending = retry;
+        if pending.is_empty() {
+            break;
+        }
+        match backoff.next_delay(None) {
+            Some(d) => {
+                tracing::warn!(sink = %cx.name, error = %last_error, records = pending.len(), retry_in = ?d, "kafka delivery failed; retrying");
+                tokio::time::sleep(d).await;
+            }
+            None => {
+                tracing::error!(sink = %cx.name, error = %last_error, records = pending.len(), "kafka delivery failed after the last retry; records will be redelivered");
+                errored = pending.into_iter().map(|(r, _, _)| r).collect();
+                break;
+            }
+        }
+    }
+    if !delivered.is_empty() {
+        metrics.add_out(delivered.len());
+        Batch::new(delivered).finalize(BatchStatus::Delivered);
+    }
+    if !errored.is_empty() {
+        metrics.add_errors(errored.len());
+        Batch::new(errored).finalize(BatchStatus::Errored);
+    }
+    for (r, reason) in rejected {
+        tracing::warn!(sink = %cx.name, error = %reason, "record dead-lettered");
+        cx.reject(vec![r], &reason).await;
+    }
+    metrics.observe_latency(started.elapsed());
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    async fn run(self: Box<Self>, mut input: SinkInput, cx: SinkContext) -> Result<(), BoxError> {
+        let cx = Arc::new(cx);
+        let slots = Arc::new(Semaphore::new(self.in_flight));
+        let mut tasks = JoinSet::new();
+        while let Some(batch) = input.next_batch(&self.batch).await {
+            let permit = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| format!("kafka sink: {e}"))?;
+            let shared = self.shared.clone();
+            let cx = cx.clone();
+            tasks.spawn(async move {
+                write(shared, batch, cx).await;
+                drop(permit);
+            });
+            while let Some(done) = tasks.try_join_next() {
+                done.map_err(|e| format!("kafka sink write task failed: {e}"))?;
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.map_err(|e| format!("kafka sink write task failed: {e}"))?;
+        }
+        let producer = self.shared.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
+            .await
+            .map_err(|e| format!("kafka sink: {e}"))?
+            .map_err(|e| format!("kafka sink: flush: {e}"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_and_are_checked() {
+        let c: KafkaSinkConfig = toml::from_str(
+            r#"
+bootstrap_servers = "127.0.0.1:9092"
+topic = "iot-messages"
+key = "{device_id}"
+compression = "zstd"
+acks = "all"
+linger = "20ms"
+"#,
+        )
+        .expect("parses");
+        assert_eq!(c.compression, Compression::Zstd);
+        let props = c.client_config("id").expect("valid");
+        assert_eq!(props.get("compression.type"), Some("zstd"));
+        assert_eq!(props.get("linger.ms"), Some("20"));
+        assert_eq!(props.get("enable.idempotence"), Some("true"));
+
+        let mut weak = c.clone();
+        weak.acks = Acks::Leader;
+        let err = weak
+            .client_config("id")
+            .expect_err("idempotence needs acks=all");
+        assert!(err.contains("acks"), "{err}");
+
+        let err = toml::from_str::<KafkaSinkConfig>(
+            "bootstrap_servers = \"x\"\ntopic = \"t\"\ncompresion = \"lz4\"",
+        )
+        .expect_err("typo");
+        assert!(err.to_string().contains("compresion"), "{err}");
+    }
+
+    #[test]
+    fn fatal_errors_are_the_unfixable_ones() {
+        assert!(is_fatal(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
+        )));
+        assert!(is_fatal(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+        )));
+        assert!(!is_fatal(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut
+        )));
+        assert!(!is_fatal(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+    }
+}
