@@ -9,12 +9,12 @@
 //! decode = { codec = "json" }
 //! ```
 //!
-//! **AWS IoT rule envelopes.** An IoT Core topic rule that forwards to SQS usually wraps the
-//! device's JSON, e.g. `SELECT topic() AS topic, * AS payload FROM 'dt/+/+/+/telemetry'` →
-//! `{"topic":"dt/acme/p1/dev-7/telemetry","payload":{"ts":…,"temp":…}}`. `body_path` picks the
-//! part to decode (dotted, `"payload"`), `topic_path` the string that is matched against
-//! `decode.topic_pattern`, exactly as an MQTT topic would be, so `device_id` / `tenant` come from
-//! the topic:
+//! **AWS IoT rule envelopes.** An IoT Core topic rule that forwards to SQS often wraps the
+//! device's JSON with the MQTT topic: `{"topic":"dt/acme/p1/dev-7/telemetry","payload":{…}}`, or
+//! (`SELECT *, topic() AS topic`) puts the device keys beside a `topic` key. `body_path` picks
+//! the part to decode (dotted: `"payload"`), `topic_path` the topic string, which is matched
+//! against `decode.topic_pattern` exactly as an MQTT topic would be, so `device_id` / `tenant`
+//! come from the topic:
 //!
 //! ```toml
 //! [sources.iot]
