@@ -135,7 +135,7 @@ batch = {{ max_records = 500, max_age = "100ms" }}
     .expect("write pipeline");
 
     let first = start(&pipeline, &[], "kafka partitions assigned");
-    let before = wait_for(&out, 15_000, Duration::from_secs(120));
+    let before = wait_for(&out, 15_000, Duration::from_secs(180));
     assert!(before.len() >= 15_000, "first run wrote {}", before.len());
     let mut first = first;
     first.kill().expect("SIGKILL sluice");
@@ -149,7 +149,7 @@ batch = {{ max_records = 500, max_age = "100ms" }}
 
     let started = Instant::now();
     let second = start(&pipeline, &[], "kafka partitions assigned");
-    let seen = wait_for(&out, MESSAGES as usize, Duration::from_secs(180));
+    let seen = wait_for(&out, MESSAGES as usize, Duration::from_secs(300));
     let exit = interrupt(second);
     let missing: Vec<u64> = (0..MESSAGES).filter(|s| !seen.contains_key(s)).collect();
     let duplicates: u64 = seen.values().map(|n| u64::from(*n).saturating_sub(1)).sum();
@@ -253,4 +253,106 @@ async fn bridge_pipeline_forwards_every_message_once() {
     assert_eq!(missing, 0, "every message reached Kafka");
     assert_eq!(duplicated, 0, "no message twice in a run without failures");
     assert!(exit.success(), "graceful stop: {exit:?}");
+}
+
+/// Two `sluice` processes in one consumer group split the partitions; one is killed with
+/// SIGKILL; after the group's session timeout the survivor owns every partition and the two
+/// output files together hold every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_one_killed_the_other_takes_over() {
+    require_kafka();
+    const MESSAGES: u64 = 20_000;
+    let topic = unique("pair");
+    let group = unique("pair-group");
+    create_topic(&topic, 6).await;
+    produce(
+        &topic,
+        (0..MESSAGES)
+            .map(|i| {
+                (
+                    Some(format!("dev-{}", i % 100)),
+                    format!("{{\"seq\":{i}}}").into_bytes(),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipeline = dir.path().join("pair.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"[pipeline]
+id = "kafka-pair"
+
+[sources.bus]
+type = "kafka"
+bootstrap_servers = "127.0.0.1:9092"
+topics = ["{topic}"]
+group_id = "{group}"
+session_timeout = "6s"
+commit_interval = "200ms"
+
+[sinks.out]
+type = "file"
+inputs = ["bus"]
+path = "${{OUT}}"
+write_delay = "100ms"
+batch = {{ max_records = 200, max_age = "100ms" }}
+"#
+        ),
+    )
+    .expect("write pipeline");
+    let (out_a, out_b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    let a = start(
+        &pipeline,
+        &[("OUT", &out_a.display().to_string())],
+        "kafka partitions assigned",
+    );
+    let mut b = start(
+        &pipeline,
+        &[("OUT", &out_b.display().to_string())],
+        "kafka partitions assigned",
+    );
+    // Both write (the group split the partitions), then b dies without leaving the group.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (written(&out_a).len() < 1000 || written(&out_b).len() < 1000)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (wa, wb) = (written(&out_a).len(), written(&out_b).len());
+    assert!(
+        wa >= 1000 && wb >= 1000,
+        "both members wrote: a {wa}, b {wb}"
+    );
+    b.kill().expect("SIGKILL b");
+    let _ = b.wait();
+    let at_kill = written(&out_b).len();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let union = loop {
+        let mut all = written(&out_a);
+        for (s, n) in written(&out_b) {
+            *all.entry(s).or_insert(0) += n;
+        }
+        if all.len() as u64 >= MESSAGES || Instant::now() > deadline {
+            break all;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let exit = interrupt(a);
+    let missing: Vec<u64> = (0..MESSAGES).filter(|s| !union.contains_key(s)).collect();
+    eprintln!(
+        "two processes: {MESSAGES} messages, b wrote {at_kill} before kill -9, a wrote {} in \
+         all, {} missing",
+        written(&out_a).len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "lost {} messages, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(exit.success(), "graceful stop of the survivor: {exit:?}");
 }

@@ -521,6 +521,9 @@ impl Source for KafkaSource {
         let (batch_tx, mut batches) = mpsc::channel::<RawBatch>(2);
         let stop = Arc::new(AtomicBool::new(false));
         let finished = Arc::new(AtomicBool::new(false));
+        // Also when this task is aborted (shutdown deadline): the thread then commits what is
+        // done and leaves the group instead of waiting forever.
+        let _release = SetOnDrop(vec![stop.clone(), finished.clone()]);
         let poller = {
             let shared = shared.clone();
             let stop = stop.clone();
@@ -603,6 +606,17 @@ impl Source for KafkaSource {
             .map_err(|e| format!("kafka consumer thread: {e}"))?
             .map_err(|_| "kafka consumer thread panicked".to_string())?;
         Ok(())
+    }
+}
+
+/// Sets its flags when dropped.
+struct SetOnDrop(Vec<Arc<AtomicBool>>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            f.store(true, Ordering::Relaxed);
+        }
     }
 }
 
