@@ -10,12 +10,13 @@
 //! **Why the queue is fed while the pipeline runs, not filled up front:** moto 5.2 scans every
 //! message of a queue several times per call (`ReceiveMessage` computes the queue's attributes
 //! ~30 times, `DeleteMessage` scans for the receipt handle), so a call costs O(queue length):
-//! measured here, a 10-message receive takes ~0.17 s with 200 messages queued and ~4 s with
-//! 2,000, which makes draining a pre-filled 20,000-message queue take hours. A feeder
-//! (boto3 from the services venv, `SendMessageBatch`, several threads) fills the queue with
-//! `SLUICE_SQS_BACKLOG` (default 200) messages, waits until the pipeline emptied it, and
-//! repeats. Not while the pipeline deletes: moto's `DeleteMessage` rebuilds the queue's list
-//! without a lock, so a message sent meanwhile can vanish (1 of 20,000 did, in a run with a
+//! measured here with boto3, a receive + delete of 10 takes ~0.17 s with 200 messages queued
+//! and ~0.8 s on average while draining 1,000, so a pre-filled 20,000-message queue would take
+//! hours. A feeder (boto3 from the services venv, `SendMessageBatch`, several threads) fills
+//! the queue with `SLUICE_SQS_BACKLOG` (default 200) messages, waits until the pipeline emptied
+//! it, and repeats. Not while the pipeline deletes: moto's `DeleteMessage` rebuilds the
+//! queue's list without a lock, so a message sent meanwhile can be dropped (the likely cause of
+//! 1 message in 20,000 never received, with the queue reporting empty, in a run with a
 //! concurrent feeder). Real SQS has neither problem; the test measures Sluice, not moto.
 
 use std::collections::BTreeMap;
@@ -69,7 +70,7 @@ elif cmd == "feed":
     # Phases: send CHUNK messages (THREADS concurrent SendMessageBatch calls), wait until the
     # queue is empty, repeat. Never a send while deletes run: moto 5.2's DeleteMessage rebuilds
     # the queue's message list without a lock, and a message added meanwhile is lost (seen
-    # here: 1 of 20,000 vanished from the server with the queue reported empty).
+    # here, most likely: 1 of 20,000 never received while the queue reported empty).
     import concurrent.futures as cf
     url, n, chunk, threads = args[0], int(args[1]), int(args[2]), int(args[3])
     t0 = time.time()
