@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 
 N=${N:-1000000}
 N_BRIDGE=${N_BRIDGE:-200000}
-SLUICE=${SLUICE:-target/release/sluice}
+SLUICE=${SLUICE:-${CARGO_TARGET_DIR:-target}/release/sluice}
 VENV="${SLUICE_SERVICES_DIR:-/tmp/sluice-services}/venv"
 [ -x "$SLUICE" ] || cargo build --release -p sluice-cli
 [ -x "$VENV/bin/python" ] || { echo "run scripts/services.sh start first (venv missing)" >&2; exit 1; }
@@ -52,10 +52,11 @@ import sys, time
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 topic, n = sys.argv[1], int(sys.argv[2])
-AdminClient({"bootstrap.servers": "127.0.0.1:9092"}).create_topics([NewTopic(topic, 6, 1)])[topic].result()
+admin = AdminClient({"bootstrap.servers": "127.0.0.1:9092"})  # kept alive until the result is in
+admin.create_topics([NewTopic(topic, 6, 1)])[topic].result()
 p = Producer({"bootstrap.servers": "127.0.0.1:9092", "linger.ms": 20, "batch.size": 1000000,
               "queue.buffering.max.messages": 2000000})
-body = '{"ts":1764000000000,"device_id":"dev-%05d","temp":21.53,"humidity":40.12,"voltage":3.291,"seq":%09d,"status":"ok","site":"plant-north","firmware":"2.4.1-rc3","pad":"%s"}'
+body = '{"ts":1764000000000,"device_id":"dev-%05d","temp":21.53,"humidity":40.12,"voltage":3.291,"seq":%d,"status":"ok","site":"plant-north","firmware":"2.4.1-rc3","pad":"%s"}'
 t0 = time.time()
 for i in range(n):
     m = body % (i % 10000, i, "")
@@ -117,7 +118,8 @@ kill -INT "$SLUICE_PID"; wait "$SLUICE_PID" || true; SLUICE_PID=
 BTOPIC="bridge-$RUN"
 "$PY" -c "
 from confluent_kafka.admin import AdminClient, NewTopic
-AdminClient({'bootstrap.servers': '127.0.0.1:9092'}).create_topics([NewTopic('$BTOPIC', 6, 1)])['$BTOPIC'].result()"
+admin = AdminClient({'bootstrap.servers': '127.0.0.1:9092'})
+admin.create_topics([NewTopic('$BTOPIC', 6, 1)])['$BTOPIC'].result()"
 PAYLOAD='{"ts":1764000000000,"temp":21.53,"humidity":40.12,"voltage":3.291,"seq":12345,"status":"ok"}'
 MTOPIC="mtic/msg/client/realtime/acme/p1/load-$RUN"
 queue() { # CLIENT_ID: persistent session with N_BRIDGE QoS 1 messages waiting

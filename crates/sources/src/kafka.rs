@@ -675,7 +675,11 @@ fn poll_loop(
         if messages.is_empty() {
             continue;
         }
-        // Wait for room downstream; pause fetching meanwhile but keep polling.
+        // Wait for room downstream. Short waits (the usual case: the pipeline is momentarily
+        // full) just wait; after PAUSE_AFTER the assignment is paused and polling goes on so
+        // the group is served. (Pausing discards librdkafka's prefetched messages, which are
+        // fetched again on resume: too costly for every brief stall.)
+        let waiting = Instant::now();
         let permit = loop {
             match tx.try_reserve() {
                 Ok(permit) => break permit,
@@ -684,6 +688,10 @@ fn poll_loop(
             }
             if stop.load(Ordering::Relaxed) {
                 break 'outer;
+            }
+            if waiting.elapsed() < PAUSE_AFTER {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
             }
             set_paused(&consumer, &shared, true);
             commit_due(&mut last_commit);
@@ -716,6 +724,9 @@ fn poll_loop(
     // Dropping the consumer leaves the group (its revocation callback commits nothing new).
     drop(consumer);
 }
+
+/// How long the consumer thread waits for room downstream before it pauses the assignment.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 enum Polled {
     Message(RawMessage),
