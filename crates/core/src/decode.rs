@@ -281,35 +281,56 @@ impl Decoder {
     }
 
     fn decode_json(&mut self, payload: &[u8], received: i64) -> Result<Record, DecodeError> {
-        let value: Json = serde_json::from_slice(payload)
-            .map_err(|e| DecodeError(format!("invalid JSON: {e}")))?;
-        let Json::Object(map) = value else {
-            return Err(DecodeError(format!(
-                "expected a JSON object, found {}",
-                json_kind(&value)
-            )));
-        };
+        // Streams the top-level object straight into the record: no intermediate map of
+        // owned keys per message (the hot path of every JSON source).
         let mut record = Record::new(received);
-        record.fields.reserve(map.len());
-        for (key, v) in &map {
-            if *key == self.config.time_key {
-                record.time = self.time(v)?;
-            } else if self.config.tags.iter().any(|t| t == key) {
-                let s: Arc<str> = match v {
-                    Json::String(s) => Arc::from(s.as_str()),
-                    Json::Null => continue,
-                    Json::Object(_) | Json::Array(_) => {
-                        return Err(DecodeError(format!("tag `{key}` must be a scalar")))
-                    }
-                    other => Arc::from(other.to_string().as_str()),
-                };
-                let n = self.name(key);
-                record.tags.push((n, s));
-            } else {
-                self.add_field(&mut record, key, v);
-            }
+        let mut failure: Option<DecodeError> = None;
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        let visitor = ObjectVisitor {
+            decoder: self,
+            record: &mut record,
+            failure: &mut failure,
+        };
+        let result = serde::Deserializer::deserialize_any(&mut de, visitor).and_then(|()| de.end());
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if let Err(e) = result {
+            // Slow path for the error message only: not JSON, or JSON but not an object.
+            return Err(match serde_json::from_slice::<Json>(payload) {
+                Ok(Json::Object(_)) | Err(_) => DecodeError(format!("invalid JSON: {e}")),
+                Ok(other) => DecodeError(format!(
+                    "expected a JSON object, found {}",
+                    json_kind(&other)
+                )),
+            });
         }
         Ok(record)
+    }
+
+    /// One top-level key of a JSON object.
+    fn json_entry(&mut self, record: &mut Record, key: &str, v: &Json) -> Result<(), DecodeError> {
+        if key == self.config.time_key {
+            record.time = self.time(v)?;
+        } else if self.config.tags.iter().any(|t| t == key) {
+            let s: Arc<str> = match v {
+                Json::String(s) => Arc::from(s.as_str()),
+                Json::Null => return Ok(()),
+                Json::Object(_) | Json::Array(_) => {
+                    return Err(DecodeError(format!("tag `{key}` must be a scalar")))
+                }
+                other => Arc::from(other.to_string().as_str()),
+            };
+            let n = self.name(key);
+            // A repeated key: the last value wins (as with a parsed map).
+            match record.tags.iter_mut().find(|(k, _)| *k == n) {
+                Some(slot) => slot.1 = s,
+                None => record.tags.push((n, s)),
+            }
+        } else {
+            self.add_field(record, key, v);
+        }
+        Ok(())
     }
 
     fn add_field(&mut self, record: &mut Record, key: &str, v: &Json) {
@@ -328,7 +349,10 @@ impl Decoder {
                 let value =
                     json_scalar(v).unwrap_or_else(|| Value::Str(Arc::from(v.to_string().as_str())));
                 let n = self.name(key);
-                record.fields.push((n, value));
+                match record.fields.iter_mut().find(|(k, _)| *k == n) {
+                    Some(slot) => slot.1 = value,
+                    None => record.fields.push((n, value)),
+                }
             }
         }
     }
@@ -452,6 +476,59 @@ impl Decoded {
     }
 }
 
+/// Feeds the entries of a top-level JSON object to [`Decoder::json_entry`] as they are parsed.
+struct ObjectVisitor<'a> {
+    decoder: &'a mut Decoder,
+    record: &'a mut Record,
+    failure: &'a mut Option<DecodeError>,
+}
+
+impl<'de> serde::de::Visitor<'de> for ObjectVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            let value: Json = map.next_value()?;
+            if let Err(e) = self.decoder.json_entry(self.record, &key, &value) {
+                *self.failure = Some(e);
+                return Err(serde::de::Error::custom("invalid entry"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A map key, borrowed from the input when it has no escapes.
+struct KeySeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(KeySeed)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeySeed {
+    type Value = std::borrow::Cow<'de, str>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a string key")
+    }
+
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_string()))
+    }
+}
+
 fn json_kind(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",
@@ -471,6 +548,55 @@ mod tests {
         let mut c = DecodeConfig::default();
         f(&mut c);
         Decoder::new(c).expect("valid")
+    }
+
+    #[test]
+    fn json_streaming_edge_cases() {
+        let mut d = decoder(|c| c.tags = vec!["site".into()]);
+        let r = d
+            .decode(
+                Bytes::from_static(
+                    br#"{"a\u0062":1,"site":"x","t":{"in":{"deep":2}},"a":[1,2],"ab":3,"site":"y"}"#,
+                ),
+                None,
+                7,
+                Meta::default(),
+            )
+            .expect("decodes");
+        assert_eq!(
+            r.field("ab"),
+            Some(&Value::I64(3)),
+            "repeated key: last wins"
+        );
+        assert_eq!(r.fields.iter().filter(|(k, _)| &**k == "ab").count(), 1);
+        assert_eq!(r.tag("site"), Some("y"));
+        assert_eq!(r.field("t.in.deep"), Some(&Value::I64(2)));
+        assert_eq!(r.field("a"), Some(&Value::Str("[1,2]".into())));
+        assert_eq!(r.time, 7);
+        let err = d
+            .decode(Bytes::from_static(b"[1]"), None, 0, Meta::default())
+            .expect_err("array");
+        assert!(
+            err.0.contains("expected a JSON object, found an array"),
+            "{err}"
+        );
+        let err = d
+            .decode(Bytes::from_static(b"{\"a\":1"), None, 0, Meta::default())
+            .expect_err("cut");
+        assert!(err.0.starts_with("invalid JSON"), "{err}");
+        let err = d
+            .decode(Bytes::from_static(b"{\"a\":1} x"), None, 0, Meta::default())
+            .expect_err("trailing");
+        assert!(err.0.starts_with("invalid JSON"), "{err}");
+        let err = d
+            .decode(
+                Bytes::from_static(br#"{"ts":"nope"}"#),
+                None,
+                0,
+                Meta::default(),
+            )
+            .expect_err("bad time");
+        assert!(err.0.contains("time `ts`"), "{err}");
     }
 
     #[test]
