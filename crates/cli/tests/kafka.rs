@@ -5,86 +5,20 @@
 //! Needs the broker (`scripts/services.sh start tansu`) and mosquitto (`scripts/services.sh
 //! start mosquitto`).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{assert_all_present, duplicates, wait_for, written, Sluice};
 use sluice_sinks::kafka_testing::{consume, create_topic, produce, require_kafka, unique};
 
-/// Starts `sluice run` and waits until a stderr line contains `ready`.
-fn start(pipeline: &Path, envs: &[(&str, &str)], ready: &'static str) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("run")
-        .arg(pipeline)
-        .envs(envs.iter().copied())
-        .env("RUST_LOG", "info,sluice_sources::mqtt=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sluice");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains(ready) {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-            if line.contains("ERROR") || line.contains("WARN") {
-                eprintln!("sluice: {line}");
-            }
-        }
-    });
-    if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-        let _ = child.kill();
-        panic!("sluice did not log {ready:?} within 60 s");
-    }
-    child
-}
-
-fn interrupt(mut child: Child) -> std::process::ExitStatus {
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    child.wait().expect("sluice exits")
-}
-
-/// Sequence numbers in the file sink's output with how often each was written (lines cut by
-/// a SIGKILL are skipped; the glued next object is still parsed).
-fn written(path: &Path) -> BTreeMap<u64, u32> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut seen = BTreeMap::new();
-    for line in text.lines() {
-        let starts: Vec<usize> = line.match_indices("{\"time\":").map(|(i, _)| i).collect();
-        for (k, start) in starts.iter().enumerate() {
-            let end = starts.get(k + 1).copied().unwrap_or(line.len());
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line[*start..end]) else {
-                continue;
-            };
-            if let Some(s) = v.pointer("/fields/seq").and_then(|s| s.as_u64()) {
-                *seen.entry(s).or_insert(0) += 1;
-            }
-        }
-    }
-    seen
-}
-
-fn wait_for(path: &Path, distinct: usize, timeout: Duration) -> BTreeMap<u64, u32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let seen = written(path);
-        if seen.len() >= distinct || Instant::now() > deadline {
-            return seen;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+/// How long a graceful stop may take before the test fails.
+const STOP: Duration = Duration::from_secs(60);
+/// The kafka source's log line once the group gave it partitions.
+const ASSIGNED: Option<&str> = Some("kafka partitions assigned");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_midway_loses_nothing() {
@@ -134,12 +68,10 @@ batch = {{ max_records = 500, max_age = "100ms" }}
     )
     .expect("write pipeline");
 
-    let first = start(&pipeline, &[], "kafka partitions assigned");
+    let first = Sluice::start(&pipeline, &[], ASSIGNED);
     let before = wait_for(&out, 15_000, Duration::from_secs(180));
     assert!(before.len() >= 15_000, "first run wrote {}", before.len());
-    let mut first = first;
-    first.kill().expect("SIGKILL sluice");
-    let _ = first.wait();
+    first.kill();
     let at_kill = written(&out);
     assert!(
         (at_kill.len() as u64) < MESSAGES,
@@ -148,25 +80,18 @@ batch = {{ max_records = 500, max_age = "100ms" }}
     );
 
     let started = Instant::now();
-    let second = start(&pipeline, &[], "kafka partitions assigned");
+    let second = Sluice::start(&pipeline, &[], ASSIGNED);
     let seen = wait_for(&out, MESSAGES as usize, Duration::from_secs(300));
-    let exit = interrupt(second);
-    let missing: Vec<u64> = (0..MESSAGES).filter(|s| !seen.contains_key(s)).collect();
-    let duplicates: u64 = seen.values().map(|n| u64::from(*n).saturating_sub(1)).sum();
+    let exit = second.interrupt(STOP);
     eprintln!(
         "kafka crash test: {MESSAGES} messages, {} written before kill -9, {} distinct after \
-         restart ({:.1} s), {} missing, {duplicates} duplicates",
+         restart ({:.1} s), {} duplicates",
         at_kill.len(),
         seen.len(),
         started.elapsed().as_secs_f64(),
-        missing.len()
+        duplicates(&seen)
     );
-    assert!(
-        missing.is_empty(),
-        "lost {} messages, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
+    assert_all_present(MESSAGES, &seen);
     assert!(exit.success(), "graceful stop after SIGINT: {exit:?}");
 }
 
@@ -186,7 +111,7 @@ async fn bridge_pipeline_forwards_every_message_once() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/mqtt-kafka-bridge.toml");
     let filter = format!("mtic/msg/client/realtime/+/+/{run}");
     let data_dir = dir.path().display().to_string();
-    let sluice = start(
+    let sluice = Sluice::start(
         &pipeline,
         &[
             ("KAFKA_TOPIC", &topic),
@@ -194,7 +119,7 @@ async fn bridge_pipeline_forwards_every_message_once() {
             ("SLUICE_DATA_DIR", &data_dir),
             ("MQTT_URL", "mqtt://127.0.0.1:1883"),
         ],
-        "subscribed",
+        Some("subscribed"),
     );
     let messages: Vec<(String, Bytes)> = (0..MESSAGES)
         .map(|i| {
@@ -212,7 +137,7 @@ async fn bridge_pipeline_forwards_every_message_once() {
     sluice_mqtt::testing::publish("mqtt://127.0.0.1:1883", 1, messages).await;
     let back = consume(&topic, MESSAGES, Duration::from_secs(15)).await;
     let elapsed = published.elapsed();
-    let exit = interrupt(sluice);
+    let exit = sluice.interrupt(STOP);
 
     let mut count: BTreeMap<u64, u32> = BTreeMap::new();
     for m in &back {
@@ -292,15 +217,15 @@ batch = {{ max_records = 200, max_age = "100ms" }}
     )
     .expect("write pipeline");
     let (out_a, out_b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
-    let a = start(
+    let a = Sluice::start(
         &pipeline,
         &[("OUT", &out_a.display().to_string())],
-        "kafka partitions assigned",
+        ASSIGNED,
     );
-    let mut b = start(
+    let b = Sluice::start(
         &pipeline,
         &[("OUT", &out_b.display().to_string())],
-        "kafka partitions assigned",
+        ASSIGNED,
     );
     // The group has split the partitions (b logged its assignment; give a's side of the same
     // rebalance a moment); the messages arrive while both consume, so neither holds them all
@@ -331,8 +256,7 @@ batch = {{ max_records = 200, max_age = "100ms" }}
     }
     let (wa, wb) = (written(&out_a).len(), written(&out_b).len());
     assert!(wa >= 500 && wb >= 500, "both members wrote: a {wa}, b {wb}");
-    b.kill().expect("SIGKILL b");
-    let _ = b.wait();
+    b.kill();
     producer.await.expect("producer task");
     let at_kill = written(&out_b).len();
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -346,19 +270,13 @@ batch = {{ max_records = 200, max_age = "100ms" }}
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let exit = interrupt(a);
-    let missing: Vec<u64> = (0..MESSAGES).filter(|s| !union.contains_key(s)).collect();
+    let exit = a.interrupt(STOP);
     eprintln!(
         "two processes: {MESSAGES} messages, b wrote {at_kill} before kill -9, a wrote {} in \
-         all, {} missing",
+         all, {} distinct",
         written(&out_a).len(),
-        missing.len()
+        union.len()
     );
-    assert!(
-        missing.is_empty(),
-        "lost {} messages, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
+    assert_all_present(MESSAGES, &union);
     assert!(exit.success(), "graceful stop of the survivor: {exit:?}");
 }

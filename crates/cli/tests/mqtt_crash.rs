@@ -5,12 +5,19 @@
 //!
 //! Needs the shared mosquitto (`scripts/services.sh start`) and its `mosquitto_pub` client.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{assert_all_present, duplicates, wait_child, wait_for, written, Sluice};
+
+/// How long a graceful stop may take before the test fails.
+const STOP: Duration = Duration::from_secs(60);
+/// The mqtt source's log line once its subscription is confirmed.
+const SUBSCRIBED: Option<&str> = Some("subscribed");
 
 const MESSAGES: u64 = 10_000;
 
@@ -22,70 +29,6 @@ fn require_broker() {
     .is_err()
     {
         panic!("mosquitto is not listening on 127.0.0.1:1883: run `scripts/services.sh start`");
-    }
-}
-
-/// Starts `sluice run` and waits until its mqtt source reports the subscription.
-fn start(pipeline: &Path) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("run")
-        .arg(pipeline)
-        .env("RUST_LOG", "info,sluice_sources::mqtt=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sluice");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("subscribed") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-            if line.contains("ERROR") || line.contains("WARN") {
-                eprintln!("sluice: {line}");
-            }
-        }
-    });
-    if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-        let _ = child.kill();
-        panic!("sluice did not subscribe within 30 s");
-    }
-    child
-}
-
-/// Sequence numbers found in the file sink's output, with how often each was written.
-fn written(path: &Path) -> BTreeMap<u64, u32> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut seen = BTreeMap::new();
-    for line in text.lines() {
-        // A SIGKILL can cut a line; the next run's first line is then glued to it. Parse
-        // every `{"time":…}` object on the line separately.
-        let starts: Vec<usize> = line.match_indices("{\"time\":").map(|(i, _)| i).collect();
-        for (k, start) in starts.iter().enumerate() {
-            let end = starts.get(k + 1).copied().unwrap_or(line.len());
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line[*start..end]) else {
-                continue;
-            };
-            if let Some(s) = v.pointer("/fields/seq").and_then(|s| s.as_u64()) {
-                *seen.entry(s).or_insert(0) += 1;
-            }
-        }
-    }
-    seen
-}
-
-fn wait_for(path: &Path, distinct: usize, timeout: Duration) -> BTreeMap<u64, u32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let seen = written(path);
-        if seen.len() >= distinct || Instant::now() > deadline {
-            return seen;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -129,7 +72,7 @@ batch = {{ max_records = 250, max_age = "100ms" }}
     )
     .expect("write pipeline");
 
-    let mut first = start(&pipeline);
+    let first = Sluice::start(&pipeline, &[], SUBSCRIBED);
     // Publish all messages (QoS 1, acknowledged by the broker) while the sink crawls.
     let mut publisher = Command::new("mosquitto_pub")
         .args([
@@ -157,7 +100,7 @@ batch = {{ max_records = 250, max_age = "100ms" }}
             .write_all(lines.as_bytes())
             .expect("feed mosquitto_pub");
     }
-    let status = publisher.wait().expect("mosquitto_pub");
+    let status = wait_child(&mut publisher, Duration::from_secs(120), "mosquitto_pub");
     assert!(status.success(), "mosquitto_pub failed");
 
     // Kill -9 once a good part (but not all) is written.
@@ -167,8 +110,7 @@ batch = {{ max_records = 250, max_age = "100ms" }}
         "the first run wrote {} records",
         before_kill.len()
     );
-    first.kill().expect("SIGKILL sluice");
-    let _ = first.wait();
+    first.kill();
     let at_kill = written(&out);
     assert!(
         (at_kill.len() as u64) < MESSAGES,
@@ -177,27 +119,17 @@ batch = {{ max_records = 250, max_age = "100ms" }}
     );
 
     // Same pipeline file → same client id → the broker redelivers the unacknowledged rest.
-    let mut second = start(&pipeline);
+    let second = Sluice::start(&pipeline, &[], SUBSCRIBED);
     let seen = wait_for(&out, MESSAGES as usize, Duration::from_secs(90));
-    let _ = Command::new("kill")
-        .args(["-INT", &second.id().to_string()])
-        .status();
-    let exit = second.wait().expect("sluice exits");
-    let missing: Vec<u64> = (0..MESSAGES).filter(|s| !seen.contains_key(s)).collect();
-    let duplicates: u64 = seen.values().map(|n| (*n as u64).saturating_sub(1)).sum();
+    let exit = second.interrupt(STOP);
     eprintln!(
         "crash test: {MESSAGES} messages published, {} written before kill -9, {} distinct \
-         after restart, {} missing, {duplicates} duplicates",
+         after restart, {} duplicates",
         at_kill.len(),
         seen.len(),
-        missing.len()
+        duplicates(&seen)
     );
-    assert!(
-        missing.is_empty(),
-        "lost {} messages, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
+    assert_all_present(MESSAGES, &seen);
     assert!(exit.success(), "graceful stop after SIGINT: {exit:?}");
 }
 
@@ -226,30 +158,15 @@ fn edge_rules_pipeline_publishes_alerts() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("mosquitto_sub (installed by scripts/services.sh start)");
-    let mut sluice = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("run")
-        .arg(&pipeline)
-        .env("SLUICE_DATA_DIR", dir.path())
-        .env("MQTT_URL", "mqtt://127.0.0.1:1883")
-        .env("RUST_LOG", "info,sluice_sources::mqtt=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sluice");
-    let stderr = sluice.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("subscribed") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("edge-rules subscribed");
+    let data_dir = dir.path().display().to_string();
+    let sluice = Sluice::start(
+        &pipeline,
+        &[
+            ("SLUICE_DATA_DIR", &data_dir),
+            ("MQTT_URL", "mqtt://127.0.0.1:1883"),
+        ],
+        SUBSCRIBED,
+    );
     for (ts, temp) in [(1_764_000_000_000i64, 21.5), (1_764_000_001_000, 45.2)] {
         let ok = Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", "1883", "-q", "1"])
@@ -260,10 +177,7 @@ fn edge_rules_pipeline_publishes_alerts() {
         assert!(ok.success());
     }
     let out = alerts.wait_with_output().expect("alert subscriber");
-    let _ = Command::new("kill")
-        .args(["-INT", &sluice.id().to_string()])
-        .status();
-    let exit = sluice.wait().expect("sluice exits");
+    let exit = sluice.interrupt(STOP);
     let alert: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("one JSON alert on alerts/<device>");
     assert_eq!(alert["device_id"], device.as_str());

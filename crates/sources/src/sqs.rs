@@ -40,9 +40,12 @@
 //! `"delete"` there. A crash before the delete means the message comes back after
 //! `visibility_timeout`: delivery is at-least-once.
 //!
-//! **Visibility extension.** Messages still in flight after half of `visibility_timeout` get
-//! their visibility extended by another `visibility_timeout` (repeatedly), so a slow sink does
-//! not make the queue hand them out a second time.
+//! **Visibility extension.** Messages still in flight after a third of `visibility_timeout`
+//! get their visibility set to another `visibility_timeout` (repeatedly), so a slow sink does
+//! not make the queue hand them out a second time. The calls run beside the acknowledgement
+//! loop, so a slow queue delays neither deletes nor the next extensions. Keep the timeout well
+//! above the queue's answer time under load: an extension that arrives after the expiry
+//! fails, and the message is received again (a duplicate).
 //!
 //! **Credentials** come from the standard AWS chain (environment, profile, SSO, IMDS).
 //!
@@ -92,6 +95,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Most entries SQS accepts in one `DeleteMessageBatch` / `ChangeMessageVisibilityBatch`.
 const MAX_BATCH_ENTRIES: usize = 10;
+/// A batch in flight for `visibility_timeout / EXTEND_AFTER_DIVISOR` gets its visibility
+/// extended: two thirds of the timeout are left for the call to reach the queue.
+const EXTEND_AFTER_DIVISOR: u32 = 3;
 /// Concurrent `ChangeMessageVisibilityBatch` calls when many batches are due at once.
 const VISIBILITY_CONCURRENCY: usize = 8;
 /// Concurrent `DeleteMessageBatch` calls: one call at a time would cap a source at ~10 messages
@@ -136,7 +142,7 @@ pub struct SqsConfig {
     #[serde(default = "default_wait_time")]
     pub wait_time: HumanDuration,
     /// Visibility timeout asked for received messages (whole seconds, at most "12h"); messages
-    /// in flight longer than half of it get it extended. Default "30s".
+    /// in flight longer than a third of it get it extended. Default "30s".
     #[serde(default = "default_visibility_timeout")]
     pub visibility_timeout: HumanDuration,
     /// What to do with a message whose records ended rejected (dead-lettered downstream):
@@ -772,11 +778,14 @@ async fn acknowledge(
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut statuses = FuturesUnordered::new();
     let mut deletes = FuturesUnordered::new();
+    // Visibility changes (extensions, releases of errored batches) run beside the loop: a
+    // slow queue must not hold up the statuses, deletes and the next round of extensions.
+    let mut visibility_calls = FuturesUnordered::new();
     let mut open = true;
     // Check often enough that an extension goes out well before the timeout expires.
     let mut tick = tokio::time::interval((visibility / 10).max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while open || !statuses.is_empty() || !deletes.is_empty() {
+    while open || !statuses.is_empty() || !deletes.is_empty() || !visibility_calls.is_empty() {
         tokio::select! {
             p = pending_rx.recv(), if open => match p {
                 Some((p, status)) => {
@@ -809,20 +818,27 @@ async fn acknowledge(
                 }
                 if status == BatchStatus::Errored {
                     let delay = retry_delay(p.receive_count, visibility);
-                    set_visibility(&client, &config, &name, &p.handles, delay).await;
+                    visibility_calls.push(set_visibility(
+                        client.clone(),
+                        config.clone(),
+                        name.clone(),
+                        p.handles,
+                        delay,
+                    ));
                 } else {
                     tracing::debug!(source = %name, messages = n, "rejected: left for the queue's redrive policy");
                 }
                 metrics.in_flight.fetch_sub(n, Ordering::Relaxed);
             }
             Some(()) = deletes.next(), if !deletes.is_empty() => {}
+            Some(()) = visibility_calls.next(), if !visibility_calls.is_empty() => {}
             _ = tick.tick() => {
                 let now = Instant::now();
                 // Every due batch in one round of concurrent calls: a backlog of slow batches
                 // must not make the last ones' extensions late.
                 let mut due = Vec::new();
                 for p in pending.values_mut() {
-                    if now.duration_since(p.visible_from) >= visibility / 2 {
+                    if now.duration_since(p.visible_from) >= visibility / EXTEND_AFTER_DIVISOR {
                         due.extend(p.handles.iter().cloned());
                         metrics.extensions.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(
@@ -835,7 +851,13 @@ async fn acknowledge(
                 }
                 if !due.is_empty() {
                     let secs = visibility.as_secs() as i32;
-                    set_visibility(&client, &config, &name, &due, secs).await;
+                    visibility_calls.push(set_visibility(
+                        client.clone(),
+                        config.clone(),
+                        name.clone(),
+                        due,
+                        secs,
+                    ));
                 }
             }
         }
@@ -948,12 +970,13 @@ async fn delete(
 /// Best effort: a failure only delays a retry or risks a duplicate, never a loss. Up to
 /// `VISIBILITY_CONCURRENCY` calls run at once.
 async fn set_visibility(
-    client: &Client,
-    config: &SqsConfig,
-    name: &str,
-    handles: &[String],
+    client: Client,
+    config: Arc<SqsConfig>,
+    name: String,
+    handles: Vec<String>,
     secs: i32,
 ) {
+    let (client, config, name) = (&client, &config, name.as_str());
     // Collected first: a lazy `map` adapter held across the await trips the compiler's
     // higher-ranked lifetime check inside the spawned task.
     let calls: Vec<_> = handles
@@ -987,7 +1010,10 @@ async fn set_visibility(
                 Ok(out) if !out.failed.is_empty() => tracing::warn!(
                     source = %name,
                     failed = out.failed.len(),
-                    "sqs ChangeMessageVisibilityBatch: some entries failed"
+                    code = %out.failed[0].code,
+                    message = out.failed[0].message.as_deref().unwrap_or(""),
+                    "sqs ChangeMessageVisibilityBatch: some entries failed (a message whose \
+                     visibility already expired may be received again: a duplicate)"
                 ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(
