@@ -5,7 +5,7 @@
 #  1. consumer: N × 200-byte JSON messages in a 6-partition topic; sluice (kafka source → JSON
 #     decode → blackhole, one process) against librdkafka's Python client (confluent-kafka,
 #     a consumer loop that parses each message with json.loads; same fetch settings as the
-#     kafka source: fetch.queue.backoff.ms 10, fetch.wait.max.ms 25).
+#     kafka source: fetch.queue.backoff.ms 10, fetch.wait.max.ms 100).
 #  2. bridge: N_BRIDGE QoS 1 MQTT messages queued for the bridge's persistent session; sluice
 #     (mqtt → envelope → kafka sink, snappy, acks=all) against `mosquitto_sub` draining the
 #     same backlog to /dev/null (the MQTT-side ceiling).
@@ -78,7 +78,7 @@ topic, n = sys.argv[1], int(sys.argv[2])
 c = Consumer({"bootstrap.servers": "127.0.0.1:9092", "group.id": f"ref-{time.time_ns()}",
               "auto.offset.reset": "earliest", "enable.auto.commit": False,
               "session.timeout.ms": 6000, "fetch.queue.backoff.ms": 10,
-              "fetch.wait.max.ms": 25, "queued.max.messages.kbytes": 16384})  # as the sluice source
+              "fetch.wait.max.ms": 100, "queued.max.messages.kbytes": 16384})  # as the sluice source
 c.subscribe([topic])
 got, t0 = 0, None
 while got < n:
