@@ -146,29 +146,7 @@ pub struct Decoder {
     config: DecodeConfig,
     topic: Option<TopicPattern>,
     names: HashMap<Box<str>, Name>,
-    /// The keys of the last JSON objects by position, with their names and roles: payloads
-    /// of one source mostly repeat one key order, so a key is recognised by one string
-    /// comparison (no hashing, no scan of `tags`).
-    slots: Vec<Slot>,
 }
-
-/// What a top-level JSON key is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Time,
-    Tag,
-    Field,
-}
-
-#[derive(Debug, Clone)]
-struct Slot {
-    key: Box<str>,
-    name: Name,
-    role: Role,
-}
-
-/// Most key positions remembered per decoder.
-const MAX_SLOTS: usize = 64;
 
 impl Decoder {
     /// Compiles `config`; the error names the bad option.
@@ -183,7 +161,6 @@ impl Decoder {
             config,
             topic,
             names: HashMap::new(),
-            slots: Vec::new(),
         })
     }
 
@@ -203,34 +180,6 @@ impl Decoder {
         n
     }
 
-    /// The name and role of the top-level key at `position`.
-    fn slot(&mut self, position: usize, key: &str) -> (Name, Role) {
-        if let Some(slot) = self.slots.get(position) {
-            if *slot.key == *key {
-                return (slot.name.clone(), slot.role);
-            }
-        }
-        let role = if key == self.config.time_key {
-            Role::Time
-        } else if self.config.tags.iter().any(|t| t == key) {
-            Role::Tag
-        } else {
-            Role::Field
-        };
-        let name = self.name(key);
-        let slot = Slot {
-            key: key.into(),
-            name: name.clone(),
-            role,
-        };
-        if position < self.slots.len() {
-            self.slots[position] = slot;
-        } else if position == self.slots.len() && position < MAX_SLOTS {
-            self.slots.push(slot);
-        }
-        (name, role)
-    }
-
     /// Decodes one payload. `received` (ns since epoch) is the event time when the payload
     /// has none. On error the record to dead-letter is built with [`Decoder::dead_letter`].
     pub fn decode(
@@ -239,23 +188,6 @@ impl Decoder {
         topic: Option<&str>,
         received: i64,
         meta: Meta,
-    ) -> Result<Record, DecodeError> {
-        let mut record = self.decode_payload(&payload, topic, received)?;
-        if record.meta.source.is_none() {
-            record.meta.source = meta.source;
-        }
-        if record.meta.origin == Default::default() {
-            record.meta.origin = meta.origin;
-        }
-        Ok(record)
-    }
-
-    /// [`Decoder::decode`] without the metadata: the caller keeps it for a dead letter.
-    fn decode_payload(
-        &mut self,
-        payload: &Bytes,
-        topic: Option<&str>,
-        received: i64,
     ) -> Result<Record, DecodeError> {
         if payload.len() as u64 > self.config.max_payload.0 {
             return Err(DecodeError(format!(
@@ -266,16 +198,16 @@ impl Decoder {
         }
         let mut record = match self.config.codec {
             Codec::Raw => Record::new(received),
-            Codec::Record => json::from_json(payload).map_err(DecodeError)?,
+            Codec::Record => json::from_json(&payload).map_err(DecodeError)?,
             Codec::LineProtocol => {
-                let text = std::str::from_utf8(payload)
+                let text = std::str::from_utf8(&payload)
                     .map_err(|e| DecodeError(format!("line protocol is not UTF-8: {e}")))?;
                 self.decode_line(text.trim_end(), received)?
             }
-            Codec::Json => self.decode_json(payload, received)?,
+            Codec::Json => self.decode_json(&payload, received)?,
         };
         if self.config.keep_payload || self.config.codec == Codec::Raw {
-            record.payload = Some(payload.clone());
+            record.payload = Some(payload);
         }
         if let (Some(pattern), Some(topic)) = (&self.topic, topic) {
             let mut tags = Vec::new();
@@ -291,6 +223,12 @@ impl Decoder {
                     None => record.tags.push((n, v)),
                 }
             }
+        }
+        if record.meta.source.is_none() {
+            record.meta.source = meta.source;
+        }
+        if record.meta.origin == Default::default() {
+            record.meta.origin = meta.origin;
         }
         Ok(record)
     }
@@ -346,14 +284,8 @@ impl Decoder {
         // Streams the top-level object straight into the record: no intermediate map of
         // owned keys per message (the hot path of every JSON source).
         let mut record = Record::new(received);
-        // Sized for the last object's keys: no regrowth for payloads of one shape.
-        record.fields.reserve(self.slots.len());
-        record.tags.reserve(self.config.tags.len());
-        // One UTF-8 check of the whole payload is cheaper than one per string.
-        let text = std::str::from_utf8(payload)
-            .map_err(|e| DecodeError(format!("invalid JSON: not UTF-8: {e}")))?;
         let mut failure: Option<DecodeError> = None;
-        let mut de = serde_json::Deserializer::from_str(text);
+        let mut de = serde_json::Deserializer::from_slice(payload);
         let visitor = ObjectVisitor {
             decoder: self,
             record: &mut record,
@@ -376,50 +308,27 @@ impl Decoder {
         Ok(record)
     }
 
-    /// One top-level key of a JSON object. Every name in `record` comes from the interner
-    /// (`intern` hands out one `Arc` per distinct name), so a repeated key is found by pointer.
-    fn json_entry(
-        &mut self,
-        record: &mut Record,
-        key: &str,
-        name: Name,
-        role: Role,
-        v: Scalar<'_>,
-    ) -> Result<(), DecodeError> {
-        match (role, v) {
-            (Role::Time, v) => record.time = self.time(&v.into_json())?,
-            (Role::Tag, v) => {
-                let s: Arc<str> = match v {
-                    Scalar::Str(s) => Arc::from(&*s),
-                    Scalar::Null => return Ok(()),
-                    Scalar::Json(_) => {
-                        return Err(DecodeError(format!("tag `{key}` must be a scalar")))
-                    }
-                    other => Arc::from(other.into_json().to_string().as_str()),
-                };
-                // A repeated key: the last value wins (as with a parsed map).
-                match record.tags.iter_mut().find(|(k, _)| Arc::ptr_eq(k, &name)) {
-                    Some(slot) => slot.1 = s,
-                    None => record.tags.push((name, s)),
+    /// One top-level key of a JSON object.
+    fn json_entry(&mut self, record: &mut Record, key: &str, v: &Json) -> Result<(), DecodeError> {
+        if key == self.config.time_key {
+            record.time = self.time(v)?;
+        } else if self.config.tags.iter().any(|t| t == key) {
+            let s: Arc<str> = match v {
+                Json::String(s) => Arc::from(s.as_str()),
+                Json::Null => return Ok(()),
+                Json::Object(_) | Json::Array(_) => {
+                    return Err(DecodeError(format!("tag `{key}` must be a scalar")))
                 }
+                other => Arc::from(other.to_string().as_str()),
+            };
+            let n = self.name(key);
+            // A repeated key: the last value wins (as with a parsed map).
+            match record.tags.iter_mut().find(|(k, _)| *k == n) {
+                Some(slot) => slot.1 = s,
+                None => record.tags.push((n, s)),
             }
-            (Role::Field, Scalar::Json(v)) => self.add_field(record, key, &v),
-            (Role::Field, v) => {
-                if let Some(only) = &self.config.fields {
-                    if !only.iter().any(|f| f == key) {
-                        return Ok(());
-                    }
-                }
-                let value = v.into_value();
-                match record
-                    .fields
-                    .iter_mut()
-                    .find(|(k, _)| Arc::ptr_eq(k, &name))
-                {
-                    Some(slot) => slot.1 = value,
-                    None => record.fields.push((name, value)),
-                }
-            }
+        } else {
+            self.add_field(record, key, v);
         }
         Ok(())
     }
@@ -440,7 +349,7 @@ impl Decoder {
                 let value =
                     json_scalar(v).unwrap_or_else(|| Value::Str(Arc::from(v.to_string().as_str())));
                 let n = self.name(key);
-                match record.fields.iter_mut().find(|(k, _)| Arc::ptr_eq(k, &n)) {
+                match record.fields.iter_mut().find(|(k, _)| *k == n) {
                     Some(slot) => slot.1 = value,
                     None => record.fields.push((n, value)),
                 }
@@ -527,16 +436,8 @@ impl Decoded {
         received: i64,
         meta: Meta,
     ) {
-        match decoder.decode_payload(&payload, topic, received) {
-            Ok(mut r) => {
-                if r.meta.source.is_none() {
-                    r.meta.source = meta.source;
-                }
-                if r.meta.origin == Default::default() {
-                    r.meta.origin = meta.origin;
-                }
-                self.records.push(r)
-            }
+        match decoder.decode(payload.clone(), topic, received, meta.clone()) {
+            Ok(r) => self.records.push(r),
             Err(e) => self
                 .dead
                 .push(Decoder::dead_letter(payload, received, meta, &e)),
@@ -590,129 +491,14 @@ impl<'de> serde::de::Visitor<'de> for ObjectVisitor<'_> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut position = 0;
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            let (name, role) = self.decoder.slot(position, &key);
-            position += 1;
-            let value = map.next_value_seed(ScalarSeed)?;
-            if let Err(e) = self
-                .decoder
-                .json_entry(self.record, &key, name, role, value)
-            {
+            let value: Json = map.next_value()?;
+            if let Err(e) = self.decoder.json_entry(self.record, &key, &value) {
                 *self.failure = Some(e);
                 return Err(serde::de::Error::custom("invalid entry"));
             }
         }
         Ok(())
-    }
-}
-
-/// A JSON value as parsed for a record: scalars directly (strings borrowed from the input
-/// when they have no escapes), arrays and objects as `serde_json` values.
-enum Scalar<'de> {
-    Null,
-    Bool(bool),
-    I64(i64),
-    U64(u64),
-    F64(f64),
-    Str(std::borrow::Cow<'de, str>),
-    Json(Json),
-}
-
-impl Scalar<'_> {
-    /// The field value, as `json_scalar` makes it from the parsed JSON (arrays become their
-    /// JSON text; objects never get here).
-    fn into_value(self) -> Value {
-        match self {
-            Scalar::Null => Value::Null,
-            Scalar::Bool(b) => Value::Bool(b),
-            Scalar::I64(i) => Value::I64(i),
-            Scalar::U64(u) => match i64::try_from(u) {
-                Ok(i) => Value::I64(i),
-                Err(_) => Value::F64(u as f64),
-            },
-            Scalar::F64(f) => Value::F64(f),
-            Scalar::Str(s) => Value::Str(Arc::from(&*s)),
-            Scalar::Json(v) => {
-                json_scalar(&v).unwrap_or_else(|| Value::Str(Arc::from(v.to_string().as_str())))
-            }
-        }
-    }
-
-    fn into_json(self) -> Json {
-        match self {
-            Scalar::Null => Json::Null,
-            Scalar::Bool(b) => Json::Bool(b),
-            Scalar::I64(i) => Json::from(i),
-            Scalar::U64(u) => Json::from(u),
-            Scalar::F64(f) => Json::from(f),
-            Scalar::Str(s) => Json::String(s.into_owned()),
-            Scalar::Json(v) => v,
-        }
-    }
-}
-
-struct ScalarSeed;
-
-impl<'de> serde::de::DeserializeSeed<'de> for ScalarSeed {
-    type Value = Scalar<'de>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(ScalarSeed)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for ScalarSeed {
-    type Value = Scalar<'de>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Scalar::Null)
-    }
-
-    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Scalar::Null)
-    }
-
-    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
-        Ok(Scalar::Bool(v))
-    }
-
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        Ok(Scalar::I64(v))
-    }
-
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(Scalar::U64(v))
-    }
-
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
-        Ok(Scalar::F64(v))
-    }
-
-    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Scalar::Str(std::borrow::Cow::Borrowed(v)))
-    }
-
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Scalar::Str(std::borrow::Cow::Owned(v.to_string())))
-    }
-
-    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Scalar::Str(std::borrow::Cow::Owned(v)))
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        use serde::Deserialize;
-        Json::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Scalar::Json)
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        use serde::Deserialize;
-        Json::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Scalar::Json)
     }
 }
 

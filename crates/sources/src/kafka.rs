@@ -195,11 +195,8 @@ impl KafkaSourceConfig {
             .set("fetch.queue.backoff.ms", "10")
             // A broker may hold a fetch for up to this long before answering (tansu does so
             // even with data waiting: 85k msg/s at librdkafka's 500 ms, 370k/s at 10 ms,
-            // measured with librdkafka's Python client; this source: ~205k msg/s at 100 ms,
-            // ~270k at 25 ms). 100 ms bounds that wait while an idle consumer still makes only
-            // a few fetches per second. (25 ms was tried: with it, a CI run of the sinks'
-            // two-member group test ended with two partitions never committed; not yet
-            // understood, so the tested 100 ms stays.)
+            // measured with librdkafka's Python client). 100 ms bounds that wait while an
+            // idle consumer still makes only a few fetches per second.
             .set("fetch.wait.max.ms", "100")
             // librdkafka prefetches up to 64 MiB by default; 16 MiB keeps memory flat and
             // still holds well over a second of traffic at 100k msg/s of 200 B.
@@ -543,7 +540,6 @@ impl Source for KafkaSource {
                 max_batch: self.config.max_batch,
                 commit_interval: self.config.commit_interval.0,
                 headers: self.config.headers_as_tags,
-                key: self.config.key_tag.is_some(),
             };
             std::thread::Builder::new()
                 .name(format!("kafka-{name}"))
@@ -644,8 +640,6 @@ struct PollOptions {
     max_batch: usize,
     commit_interval: Duration,
     headers: bool,
-    /// Whether the key is used (`key_tag`): it is copied out of librdkafka only then.
-    key: bool,
 }
 
 /// The consumer thread: polls, registers ranges, hands batches over, commits, and seeks
@@ -665,7 +659,7 @@ fn poll_loop(
     finished: Arc<AtomicBool>,
 ) {
     let mut last_commit = Instant::now();
-    let mut topics = Topics::default();
+    let mut topics: HashMap<String, Arc<str>> = HashMap::new();
     let mut messages: Vec<RawMessage> = Vec::new();
     let commit_due = |last: &mut Instant| {
         if last.elapsed() >= options.commit_interval {
@@ -678,7 +672,7 @@ fn poll_loop(
         seek_blocked(&consumer, &shared);
         let mut timeout = Duration::from_millis(100);
         while messages.len() < options.max_batch {
-            match poll_one(&consumer, &shared, &mut topics, &options, timeout) {
+            match poll_one(&consumer, &shared, &mut topics, options.headers, timeout) {
                 Polled::Message(m) => {
                     messages.push(m);
                     timeout = Duration::ZERO;
@@ -715,7 +709,7 @@ fn poll_loop(
                 &consumer,
                 &shared,
                 &mut topics,
-                &options,
+                options.headers,
                 Duration::from_millis(10),
             ) {
                 messages.push(m);
@@ -752,8 +746,8 @@ enum Polled {
 fn poll_one(
     consumer: &BaseConsumer<Context>,
     shared: &Shared,
-    topics: &mut Topics,
-    options: &PollOptions,
+    topics: &mut HashMap<String, Arc<str>>,
+    with_headers: bool,
     timeout: Duration,
 ) -> Polled {
     match consumer.poll(timeout) {
@@ -769,59 +763,35 @@ fn poll_one(
                 offset = m.offset(),
                 "kafka: polled"
             );
-            // Headers and key are parsed and copied only when they become tags.
-            let headers = match options.headers.then(|| m.headers()).flatten() {
-                Some(hs) => hs
+            let topic = match topics.get(m.topic()) {
+                Some(t) => t.clone(),
+                None => {
+                    let t: Arc<str> = Arc::from(m.topic());
+                    topics.insert(m.topic().to_string(), t.clone());
+                    t
+                }
+            };
+            let headers = match (with_headers, m.headers()) {
+                (true, Some(hs)) => hs
                     .iter()
                     .filter_map(|h| {
                         let v = std::str::from_utf8(h.value?).ok()?;
                         Some((h.key.to_string(), v.to_string()))
                     })
                     .collect(),
-                None => Vec::new(),
+                _ => Vec::new(),
             };
             Polled::Message(RawMessage {
-                topic: topics.get(m.topic()),
+                topic,
                 partition: m.partition(),
                 offset: m.offset(),
                 generation: shared.generation.load(Ordering::Acquire),
                 timestamp_ms: m.timestamp().to_millis(),
-                key: options
-                    .key
-                    .then(|| m.key().map(Bytes::copy_from_slice))
-                    .flatten(),
+                key: m.key().map(Bytes::copy_from_slice),
                 headers,
                 payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
             })
         }
-    }
-}
-
-/// Shared names of the topics read; the last one is checked first (consecutive messages
-/// mostly come from one topic), so the hot path compares one string and hashes nothing.
-#[derive(Default)]
-struct Topics {
-    last: Option<Arc<str>>,
-    all: HashMap<String, Arc<str>>,
-}
-
-impl Topics {
-    fn get(&mut self, topic: &str) -> Arc<str> {
-        if let Some(last) = &self.last {
-            if **last == *topic {
-                return last.clone();
-            }
-        }
-        let t = match self.all.get(topic) {
-            Some(t) => t.clone(),
-            None => {
-                let t: Arc<str> = Arc::from(topic);
-                self.all.insert(topic.to_string(), t.clone());
-                t
-            }
-        };
-        self.last = Some(t.clone());
-        t
     }
 }
 
