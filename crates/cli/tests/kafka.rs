@@ -55,6 +55,9 @@ topics = ["{topic}"]
 group_id = "{group}"
 session_timeout = "6s"
 commit_interval = "200ms"
+# The group's rebalance timeout: how long the coordinator waits for the killed member to
+# rejoin before it gives the restarted one its partitions (librdkafka's default is 300 s).
+librdkafka_options = {{ "max.poll.interval.ms" = "10000" }}
 
 [sinks.out]
 type = "file"
@@ -80,6 +83,8 @@ batch = {{ max_records = 500, max_age = "100ms" }}
     );
 
     let started = Instant::now();
+    // Let the group expire the killed member (session_timeout) before the restart joins.
+    std::thread::sleep(Duration::from_secs(8));
     let second = Sluice::start(&pipeline, &[], ASSIGNED);
     let seen = wait_for(&out, MESSAGES as usize, Duration::from_secs(300));
     let exit = second.interrupt(STOP);
