@@ -968,7 +968,8 @@ async fn delete(
 
 /// Sets the visibility timeout of `handles` (0: visible again now), in calls of at most 10.
 /// Best effort: a failure only delays a retry or risks a duplicate, never a loss. Up to
-/// `VISIBILITY_CONCURRENCY` calls run at once.
+/// `VISIBILITY_CONCURRENCY` of its calls run at once (several of these may run side by side
+/// in the acknowledgement task).
 async fn set_visibility(
     client: Client,
     config: Arc<SqsConfig>,

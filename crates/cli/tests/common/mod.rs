@@ -20,9 +20,7 @@ pub const DEFAULT_LOG: &str = "info,sluice_sources::mqtt=debug";
 /// A running `sluice run PIPELINE`. Its WARN / ERROR lines are echoed to the test's stderr
 /// (prefixed `sluice:`). Dropping it kills the process, so a failed assertion never leaves a
 /// pipeline running behind the test.
-pub struct Sluice {
-    child: Option<Child>,
-}
+pub struct Sluice(KillOnDrop);
 
 impl Sluice {
     /// Starts the pipeline with extra environment variables (`RUST_LOG` defaults to
@@ -52,7 +50,7 @@ impl Sluice {
                 }
             }
         });
-        let sluice = Sluice { child: Some(child) };
+        let sluice = Sluice(KillOnDrop(child));
         if let Some(ready) = ready {
             if rx.recv_timeout(Duration::from_secs(60)).is_err() {
                 panic!("sluice did not log {ready:?} within 60 s");
@@ -61,41 +59,19 @@ impl Sluice {
         sluice
     }
 
-    pub fn id(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
     /// SIGKILL, and reap the process.
-    pub fn kill(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill(); // std's kill is SIGKILL on Unix
-            let _ = child.wait();
-        }
+    pub fn kill(self) {
+        drop(self);
     }
 
     /// SIGINT, then waits up to `timeout` for the graceful exit; a process still running
     /// then is killed and the test fails.
     pub fn interrupt(mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
+        let child = &mut self.0 .0;
         let _ = Command::new("kill")
             .args(["-INT", &child.id().to_string()])
             .status();
-        wait_child(&mut child, timeout, "sluice after SIGINT")
-    }
-
-    /// Waits up to `timeout` for the process to exit on its own (e.g. a source that ends).
-    pub fn wait(mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        wait_child(&mut child, timeout, "sluice")
-    }
-}
-
-impl Drop for Sluice {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        wait_child(child, timeout, "sluice after SIGINT")
     }
 }
 
@@ -169,8 +145,8 @@ pub fn duplicates(seen: &BTreeMap<u64, u32>) -> u64 {
     seen.values().map(|n| u64::from(*n).saturating_sub(1)).sum()
 }
 
-/// A helper process (feeder, subscriber) killed when dropped, so a failed test does not leave
-/// it running.
+/// A child process (a pipeline, a feeder) killed and reaped when dropped, so a failed test
+/// does not leave it running. Killing one that already exited is a no-op.
 pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
