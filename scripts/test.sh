@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh start
-cargo test --workspace --locked "$@"
+# --no-fail-fast: one failing test binary must not hide the results of the others (the
+# command still exits non-zero when anything failed).
+cargo test --workspace --locked --no-fail-fast "$@"

@@ -602,6 +602,8 @@ pub enum Event {
     PubAck(u16),
     /// QoS 2 publish completed (PUBCOMP).
     PubComp(u16),
+    /// We sent PUBACK for incoming QoS 1 message `pkid`.
+    PubAckSent(u16),
     /// We sent PUBREC for incoming QoS 2 message `pkid` (PUBREL / PUBCOMP still to come).
     PubRecSent(u16),
     /// We sent PUBCOMP: incoming QoS 2 message `pkid` is complete.
@@ -680,12 +682,53 @@ impl EventLoop {
         }
     }
 
+    /// Writes the PUBACK (QoS 1) or PUBREC (QoS 2) of each `(qos, pkid)` straight to the
+    /// connection, in order, and flushes: `Some(Ok(()))` when all were written.
+    ///
+    /// Why: rumqttc's event loop takes one queued request per poll but reads up to ten packets
+    /// per socket read, so acks queued through the client fall ever further behind a streaming
+    /// backlog. Writing them here keeps acks in step with reads. Only MQTT 3.1.1 exposes its
+    /// connection; for v5 this returns `None` and acks go through [`Client::try_ack`].
+    /// `Some(Err(_))` when there is no connection or the write failed (the broker redelivers).
+    pub async fn write_acks(&mut self, acks: &[(u8, u16)]) -> Option<Result<(), String>> {
+        let EventLoop::V4(el) = self else {
+            return None;
+        };
+        Some(write_acks_v4(el, acks).await)
+    }
+
     /// Drops the network connection; the next poll reconnects.
     pub fn drop_connection(&mut self) {
         match self {
             EventLoop::V4(el) => el.clean(),
             EventLoop::V5(el) => el.clean(),
         }
+    }
+}
+
+async fn write_acks_v4(el: &mut rumqttc::EventLoop, acks: &[(u8, u16)]) -> Result<(), String> {
+    use rumqttc::{PubAck, PubRec, Request};
+    if el.network.is_none() {
+        return Err("not connected".into());
+    }
+    for &(qos, pkid) in acks {
+        let request = match qos {
+            1 => Request::PubAck(PubAck::new(pkid)),
+            2 => Request::PubRec(PubRec::new(pkid)),
+            _ => continue,
+        };
+        // Updates the protocol state (QoS 2 bookkeeping) and queues the `Outgoing` event.
+        let packet = el
+            .state
+            .handle_outgoing_packet(request)
+            .map_err(|e| e.to_string())?;
+        if let (Some(packet), Some(network)) = (packet, el.network.as_mut()) {
+            network.write(packet).await.map_err(|e| e.to_string())?;
+        }
+    }
+    match el.network.as_mut() {
+        Some(network) => network.flush().await.map_err(|e| e.to_string()),
+        None => Err("not connected".into()),
     }
 }
 
@@ -716,6 +759,7 @@ fn from_v4(ev: rumqttc::Event) -> Event {
         E::Incoming(Packet::UnsubAck(_)) => Event::UnsubAck,
         E::Incoming(Packet::Disconnect) => Event::DisconnectReceived(String::new()),
         E::Outgoing(Outgoing::Publish(pkid)) => Event::PublishSent(pkid),
+        E::Outgoing(Outgoing::PubAck(pkid)) => Event::PubAckSent(pkid),
         E::Outgoing(Outgoing::PubRec(pkid)) => Event::PubRecSent(pkid),
         E::Outgoing(Outgoing::PubComp(pkid)) => Event::PubCompSent(pkid),
         E::Outgoing(Outgoing::Disconnect) => Event::DisconnectSent,
@@ -757,6 +801,7 @@ fn from_v5(ev: v5::Event) -> Event {
             Event::DisconnectReceived(format!("{:?}", d.reason_code))
         }
         E::Outgoing(Outgoing::Publish(pkid)) => Event::PublishSent(pkid),
+        E::Outgoing(Outgoing::PubAck(pkid)) => Event::PubAckSent(pkid),
         E::Outgoing(Outgoing::PubRec(pkid)) => Event::PubRecSent(pkid),
         E::Outgoing(Outgoing::PubComp(pkid)) => Event::PubCompSent(pkid),
         E::Outgoing(Outgoing::Disconnect) => Event::DisconnectSent,

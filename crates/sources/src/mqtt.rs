@@ -20,36 +20,50 @@
 //! **Ack ordering.** MQTT requires a client to acknowledge QoS 1/2 messages in the order the
 //! broker sent them. Messages are grouped in batches as they arrive; one acknowledgement task
 //! waits for the batches' statuses strictly in arrival order (a later batch that finishes first
-//! waits for the earlier ones), then queues their acks in order. A batch that fails downstream
-//! (status `Errored`) is never acknowledged, and neither is anything after it on the same
-//! connection: the source disconnects and reconnects so that the broker redelivers. Acks that
-//! belong to a previous connection are dropped, never sent on a new one (after a reconnect the
-//! broker redelivers the message anyway, and a stale packet id could name another message).
+//! waits for the earlier ones), then hands their acks, in order, to the poller. A batch that
+//! fails downstream (status `Errored`) is never acknowledged, and neither is anything after it
+//! on the same connection: the source disconnects and reconnects so that the broker redelivers.
+//! Acks that belong to a previous connection are dropped, never sent on a new one (after a
+//! reconnect the broker redelivers the message anyway, and a stale packet id could name another
+//! message); they are counted in `acks_dropped`.
 //!
-//! **Flow control.** At most `max_inflight` QoS 1/2 messages are unacknowledged at a time; a v5
-//! broker is told so (Receive Maximum). A v3.1.1 broker uses its own limit (mosquitto:
+//! **Acks are never dropped for lack of room.** The poller, the only task that touches the
+//! connection, sends the acks before it reads anything more. With MQTT 3.1.1 it writes them
+//! straight to the socket, so acks keep pace with reads whatever the backlog. With MQTT 5
+//! (rumqttc does not expose that connection) they go through the client's request queue, which
+//! rumqttc drains one request per poll while it reads up to ten packets per poll; an ack that
+//! does not fit stays queued in order and is retried (`ack_retries`), and while such acks wait
+//! the poller keeps polling so that they go out. A broker that holds us to our Receive Maximum
+//! sends nothing more meanwhile; mosquitto 2.0.11 does not do so for rumqttc's v5 connections
+//! (measured: a 10,000-message window still received 60+ unacknowledged messages per 10 acks),
+//! so a deep v5 backlog drains at the pace of the acks (~1–2k msg/s here, against ~7k msg/s
+//! with v3.1.1). Prefer `protocol = "v3.1.1"` for sessions that build up large backlogs.
+//!
+//! **Flow control.** At most `max_inflight` QoS 1/2 messages are unacknowledged at a time (a
+//! window slot is freed only once the message's ack is written, or handed to the v5 client);
+//! a v5 broker is told so (Receive Maximum). A v3.1.1 broker uses its own limit (mosquitto:
 //! `max_inflight_messages`, default 20, which caps throughput at 20 / delivery latency: raise it
 //! on the broker). QoS 0 messages count against the same window until they are sent downstream.
 //! When the window is full (downstream is slow) the poller stops reading the socket, so memory
-//! stays flat and TCP pushes back on the broker; it never waits for anything else, so acks and
-//! keep-alives still go out. (Only if downstream stalls with a full window for longer than 1.5 ×
-//! `keep_alive` does the broker drop the connection; the source reconnects and the broker
-//! redelivers what was not acknowledged.) Also set mosquitto's `max_queued_messages` high (or 0): by default
+//! stays flat and TCP pushes back on the broker (with v5, while acks wait for the client's queue,
+//! it reads on, but never holds more than `max_inflight` messages waiting for the source task).
+//! (Only if downstream stalls with a full window for longer than 1.5 × `keep_alive` does the
+//! broker drop the connection; the source reconnects and the broker redelivers what was not
+//! acknowledged.) Also set mosquitto's `max_queued_messages` high (or 0): by default
 //! it drops messages beyond 1000 queued for a slow or offline client.
 //!
-//! Sizing `max_inflight`: rumqttc sends one queued request (ack) per poll but reads up to ten
-//! packets per socket read, so while a deep backlog streams in, acks lag behind reads. A
-//! window larger than the backlog in flight (default 10000) keeps acks prompt; a small one
-//! (e.g. 2000) uses less memory and drains QoS 0 faster, at the price of more duplicates after
-//! a crash.
+//! Sizing `max_inflight`: a larger window (default 10000) keeps more messages in flight; a small
+//! one (e.g. 2000) uses less memory and drains QoS 0 faster, at the price of more waiting for
+//! acks. After a crash, at most the window comes back as duplicates.
 //!
 //! **Metrics**: `connected` (0/1), `subscribed` (0/1, after the SUBACK), `reconnects`,
-//! `messages`, `inflight` (QoS 1/2 messages not yet acknowledged), and the standard `bytes`.
+//! `messages`, `inflight` (QoS 1/2 messages not yet acknowledged), `acks_dropped` (acks of a
+//! lost connection: those messages come again), `ack_retries` (v5 acks that waited for room in
+//! the client's queue), and the standard `bytes`.
 //!
-//! **Structure.** A poller task does nothing but poll rumqttc's event loop and hand whole reads
+//! **Structure.** A poller task polls rumqttc's event loop, writes acks, and hands whole reads
 //! of messages to the source task, which decodes and sends them; an acknowledgement task
-//! resolves statuses and queues acks. The request channel holds `max_inflight` acks plus a
-//! margin, so queuing an ack never blocks and the poller never waits on the channel.
+//! resolves statuses in order and hands the acks to the poller.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -228,6 +242,43 @@ struct Pending {
     status: StatusReceiver,
 }
 
+/// What the acknowledgement task hands to the poller.
+#[derive(Debug, Clone, Copy)]
+enum AckItem {
+    /// Acknowledge message `pkid` (PUBACK for QoS 1, PUBREC for QoS 2) on connection
+    /// `generation`.
+    Ack { generation: u64, qos: u8, pkid: u16 },
+    /// A batch failed downstream: reconnect so that the broker redelivers (after the acks
+    /// queued before it went out).
+    Reconnect { generation: u64 },
+}
+
+impl Shared {
+    fn push_acks(&self, items: impl IntoIterator<Item = AckItem>) {
+        let mut q = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        let before = q.len();
+        q.extend(items);
+        let added = q.len() - before;
+        drop(q);
+        if added > 0 {
+            self.unsent.fetch_add(added as i64, Ordering::AcqRel);
+            self.acks_ready.notify_one();
+        }
+    }
+
+    fn acks_empty(&self) -> bool {
+        self.acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    fn take_acks(&self) -> std::collections::VecDeque<AckItem> {
+        let mut q = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *q)
+    }
+}
+
 /// State shared by the three tasks.
 struct Shared {
     /// Bumped at every lost connection: acks of older generations are never sent.
@@ -240,6 +291,22 @@ struct Shared {
     /// Stop forwarding messages (shutdown): they stay unacknowledged and come back later.
     draining: CancellationToken,
     inflight: Arc<AtomicI64>,
+    /// Acknowledgements resolved by the acknowledgement task, in arrival order, waiting for the
+    /// poller to write them (it alone touches the connection, so acks never lag behind reads).
+    acks: std::sync::Mutex<std::collections::VecDeque<AckItem>>,
+    /// Wakes the poller when `acks` got items.
+    acks_ready: tokio::sync::Notify,
+    /// Messages handed to the source task and not yet taken by it.
+    to_source: AtomicI64,
+    /// Notified when the source task takes messages.
+    taken: tokio::sync::Notify,
+    /// Acks resolved but not yet written to the connection (the shutdown waits for 0).
+    unsent: AtomicI64,
+    /// Acks that could not be handed to the client at once and were retried (metric).
+    ack_retries: Arc<AtomicI64>,
+    /// Acks of delivered messages that were never written because their connection was lost
+    /// (the broker redelivers them: duplicates, not loss) (metric).
+    acks_dropped: Arc<AtomicI64>,
     /// Incoming QoS 2 messages whose PUBREC went out and whose PUBCOMP did not yet.
     qos2_open: AtomicI64,
     /// Notified when the broker answers our UNSUBSCRIBE (the shutdown barrier).
@@ -263,13 +330,22 @@ impl Source for MqttSource {
             clean_session: self.clean_session,
             manual_acks: true,
             max_inflight: self.max_inflight,
-            request_capacity: self.max_inflight as usize + 64,
+            // v5 acks go through this queue: held messages (a window plus at most one more
+            // read beyond it) always fit, with room for subscribes and the disconnect.
+            request_capacity: 2 * self.max_inflight as usize + 64,
         });
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
             window: Semaphore::new(self.max_inflight as usize),
             draining: CancellationToken::new(),
             inflight: metrics.gauge("inflight"),
+            acks: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            acks_ready: tokio::sync::Notify::new(),
+            unsent: AtomicI64::new(0),
+            to_source: AtomicI64::new(0),
+            taken: tokio::sync::Notify::new(),
+            ack_retries: metrics.counter("ack_retries"),
+            acks_dropped: metrics.counter("acks_dropped"),
             qos2_open: AtomicI64::new(0),
             barrier: tokio::sync::Notify::new(),
         });
@@ -285,6 +361,7 @@ impl Source for MqttSource {
         let (batch_tx, mut batch_rx) = mpsc::unbounded_channel::<Incoming>();
         let poller = Poller {
             name: name.clone(),
+            max_inflight: self.max_inflight as usize,
             client: client.clone(),
             connector: self.connector.clone(),
             filters: self.filters.clone(),
@@ -299,7 +376,6 @@ impl Source for MqttSource {
         let mut acker = TaskGuard(Some(tokio::spawn(acknowledge(
             name.clone(),
             ack_rx,
-            client.clone(),
             shared.clone(),
         ))));
 
@@ -339,6 +415,8 @@ impl Source for MqttSource {
             let mut decoded = Decoded::with_capacity(incoming.messages.len());
             let mut acks = Vec::new();
             let count = incoming.messages.len();
+            shared.to_source.fetch_sub(count as i64, Ordering::AcqRel);
+            shared.taken.notify_one();
             for m in incoming.messages {
                 if m.qos > 0 {
                     acks.push((m.qos, m.pkid));
@@ -384,6 +462,14 @@ impl Source for MqttSource {
         drop(ack_tx);
         if let Some(Err(e)) = acker.join().await {
             tracing::error!(source = %name, error = %e, "mqtt acknowledgement task failed");
+        }
+        // The poller writes the last acks; wait for them (bounded: a lost connection drops
+        // them, and the broker redelivers those messages).
+        for _ in 0..500 {
+            if shared.unsent.load(Ordering::Acquire) <= 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Let QoS 2 handshakes finish (PUBREL → PUBCOMP) before saying goodbye: rumqttc 0.25
         // cannot resume one on a new connection (it rejects the broker's PUBREL).
@@ -448,44 +534,37 @@ impl<T> Drop for TaskGuard<T> {
     }
 }
 
-/// Resolves batch statuses in arrival order and queues their acknowledgements.
-async fn acknowledge(
-    name: String,
-    mut rx: mpsc::UnboundedReceiver<Pending>,
-    client: sluice_mqtt::Client,
-    shared: Arc<Shared>,
-) {
+/// Resolves batch statuses in arrival order and hands their acknowledgements to the poller.
+async fn acknowledge(name: String, mut rx: mpsc::UnboundedReceiver<Pending>, shared: Arc<Shared>) {
     // Generation in which a batch failed: nothing more is acknowledged on that connection.
     let mut failed_generation = None;
     while let Some(p) = rx.recv().await {
         let status = p.status.await;
         let current = shared.generation.load(Ordering::Acquire);
-        if p.generation == current && failed_generation != Some(current) {
-            if status.is_ackable() {
-                for (qos, pkid) in &p.acks {
-                    if *qos == 2 {
-                        // Open until the poller sees our PUBCOMP go out.
-                        shared.qos2_open.fetch_add(1, Ordering::AcqRel);
-                    }
-                    if let Err(e) = client.try_ack(*qos, *pkid) {
-                        // The event loop is gone (shutdown) or disconnected: the broker will
-                        // redeliver, which is safe.
-                        tracing::debug!(source = %name, error = %e, "ack not queued");
-                    }
-                }
-            } else {
-                tracing::warn!(
-                    source = %name,
-                    messages = p.acks.len(),
-                    "a batch failed downstream; reconnecting so that the broker redelivers it"
-                );
-                failed_generation = Some(current);
-                // The poller turns our own DISCONNECT into a reconnect (session kept).
-                let _ = client.try_disconnect();
-            }
-        }
         let n = p.acks.len();
         tracing::trace!(source = %name, messages = n, ?status, generation = p.generation, "batch resolved");
+        if p.generation == current && failed_generation != Some(current) {
+            if status.is_ackable() {
+                // The window permits of these messages are released once the poller has
+                // written their acks.
+                shared.push_acks(p.acks.iter().map(|&(qos, pkid)| AckItem::Ack {
+                    generation: p.generation,
+                    qos,
+                    pkid,
+                }));
+                continue;
+            }
+            tracing::warn!(
+                source = %name,
+                messages = n,
+                "a batch failed downstream; reconnecting so that the broker redelivers it"
+            );
+            failed_generation = Some(current);
+            shared.push_acks([AckItem::Reconnect {
+                generation: current,
+            }]);
+        }
+        // Not acknowledged (failed, or its connection is gone): the broker redelivers it.
         shared.inflight.fetch_sub(n as i64, Ordering::Relaxed);
         shared.window.add_permits(n);
     }
@@ -493,6 +572,7 @@ async fn acknowledge(
 
 struct Poller {
     name: String,
+    max_inflight: usize,
     client: sluice_mqtt::Client,
     connector: Connector,
     filters: Vec<String>,
@@ -519,8 +599,55 @@ impl Poller {
         let (mut burst_messages, mut burst_bytes) = (0i64, 0usize);
         let mut batch: Vec<Message> = Vec::new();
         let draining = self.shared.draining.clone();
+        // Messages read while the window was full (held without a permit): paid back first.
+        let mut debt = 0usize;
+        // v5: acks handed to the client and not yet reported written.
+        let mut in_client = 0usize;
         loop {
-            let event = el.poll().await;
+            // Acks resolved downstream go out before anything more is read.
+            if self.send_acks(&mut el, &mut in_client).await {
+                let _ = self.client.try_disconnect();
+            }
+            while debt > 0 {
+                match self.shared.window.try_acquire() {
+                    Ok(p) => {
+                        p.forget();
+                        debt -= 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if debt > 0 && !draining.is_cancelled() {
+                // Window full. MQTT 3.1.1 writes its acks without polling, so stop reading
+                // (TCP pushes back on the broker) until acks or downstream free room. With v5
+                // the acks still waiting for the client's queue only move when we poll; keep
+                // polling for them while the source task has room (a broker that honours our
+                // Receive Maximum sends nothing more meanwhile; one that does not makes this
+                // read ahead, bounded by `max_inflight` messages waiting for the source task).
+                let must_poll = (in_client > 0 || !self.shared.acks_empty())
+                    && self.shared.to_source.load(Ordering::Acquire) < self.max_inflight as i64;
+                if !must_poll {
+                    self.flush(&mut batch);
+                    tokio::select! {
+                        p = self.shared.window.acquire() => if let Ok(p) = p {
+                            p.forget();
+                            debt -= 1;
+                        },
+                        _ = self.shared.acks_ready.notified() => {}
+                        _ = self.shared.taken.notified() => {}
+                        _ = draining.cancelled() => {}
+                    }
+                    continue;
+                }
+            }
+            let event = tokio::select! {
+                biased;
+                // New acks to write: stop waiting for the network. (Cancelling a poll is safe
+                // here: rumqttc keeps partial reads in its framed buffer and writes whole
+                // packets to its write buffer without waiting.)
+                _ = self.shared.acks_ready.notified(), if connected => continue,
+                ev = el.poll() => ev,
+            };
             match event {
                 Ok(Event::Connected { session_present }) => {
                     connected = true;
@@ -569,20 +696,14 @@ impl Poller {
                     batch.push(m);
                     match self.shared.window.try_acquire() {
                         Ok(p) => p.forget(),
-                        Err(_) => {
-                            // Window full: hand over what we have and wait for acks (or for
-                            // downstream to take QoS 0 messages). Acks queued meanwhile are
-                            // sent as soon as polling resumes, which the released permits
-                            // trigger.
-                            self.flush(&mut batch);
-                            tokio::select! {
-                                p = self.shared.window.acquire() => if let Ok(p) = p { p.forget() },
-                                _ = draining.cancelled() => {}
-                            }
-                        }
+                        // Window full: the top of the loop waits (it writes acks meanwhile).
+                        Err(_) => debt += 1,
                     }
                 }
                 Ok(Event::UnsubAck) => self.shared.barrier.notify_one(),
+                Ok(Event::PubAckSent(_)) | Ok(Event::PubRecSent(_)) => {
+                    in_client = in_client.saturating_sub(1);
+                }
                 Ok(Event::PubCompSent(_)) => {
                     self.shared.qos2_open.fetch_sub(1, Ordering::AcqRel);
                 }
@@ -593,6 +714,7 @@ impl Poller {
                     // Requested by the acknowledgement task after a failed batch.
                     self.flush(&mut batch);
                     el.drop_connection();
+                    in_client = 0;
                     self.lost(
                         &mut connected,
                         "disconnected to get failed messages redelivered",
@@ -625,6 +747,7 @@ impl Poller {
                              use qos = 1, or clear the session once with clean_session = true"
                         );
                     }
+                    in_client = 0;
                     if connected {
                         self.lost(&mut connected, &e.message);
                     } else if failures == 0 {
@@ -657,6 +780,90 @@ impl Poller {
         }
     }
 
+    /// Writes (v3.1.1) or queues (v5) the acks the acknowledgement task handed over, in order;
+    /// drops those of a lost connection. Returns whether a reconnect was asked for.
+    async fn send_acks(&self, el: &mut EventLoop, in_client: &mut usize) -> bool {
+        let mut items = self.shared.take_acks();
+        if items.is_empty() {
+            return false;
+        }
+        let current = self.shared.generation.load(Ordering::Acquire);
+        let mut acks: Vec<(u8, u16)> = Vec::with_capacity(items.len());
+        let (mut stale, mut reconnect) = (0usize, false);
+        while let Some(item) = items.pop_front() {
+            match item {
+                AckItem::Ack {
+                    generation,
+                    qos,
+                    pkid,
+                } if generation == current => acks.push((qos, pkid)),
+                AckItem::Ack { .. } => stale += 1,
+                AckItem::Reconnect { generation } => {
+                    self.shared.unsent.fetch_sub(1, Ordering::AcqRel);
+                    reconnect |= generation == current;
+                }
+            }
+        }
+        if stale > 0 {
+            // Their connection is gone: the broker sends them again.
+            self.shared
+                .acks_dropped
+                .fetch_add(stale as i64, Ordering::Relaxed);
+            self.release(stale);
+        }
+        if acks.is_empty() {
+            return reconnect;
+        }
+        let qos2 = acks.iter().filter(|(q, _)| *q == 2).count() as i64;
+        // Open until the poller sees our PUBCOMP go out.
+        self.shared.qos2_open.fetch_add(qos2, Ordering::AcqRel);
+        match el.write_acks(&acks).await {
+            Some(Ok(())) => self.release(acks.len()),
+            Some(Err(e)) => {
+                // The connection broke: the next poll reconnects and the broker redelivers.
+                tracing::debug!(source = %self.name, error = %e, acks = acks.len(), "acks not written");
+                self.shared.qos2_open.fetch_sub(qos2, Ordering::AcqRel);
+                self.shared
+                    .acks_dropped
+                    .fetch_add(acks.len() as i64, Ordering::Relaxed);
+                self.release(acks.len());
+            }
+            None => {
+                for (i, &(qos, pkid)) in acks.iter().enumerate() {
+                    if self.client.try_ack(qos, pkid).is_err() {
+                        // The client's queue is full (it is sized for two windows, so this
+                        // is rare): keep the rest, in order, for the next round.
+                        self.shared.ack_retries.fetch_add(1, Ordering::Relaxed);
+                        let mut q = self.shared.acks.lock().unwrap_or_else(|p| p.into_inner());
+                        for &(qos, pkid) in acks[i..].iter().rev() {
+                            q.push_front(AckItem::Ack {
+                                generation: current,
+                                qos,
+                                pkid,
+                            });
+                        }
+                        let rest = acks[i..].iter().filter(|(q, _)| *q == 2).count() as i64;
+                        self.shared.qos2_open.fetch_sub(rest, Ordering::AcqRel);
+                        break;
+                    }
+                    *in_client += 1;
+                    self.release(1);
+                }
+            }
+        }
+        reconnect
+    }
+
+    /// Returns `n` window permits of messages that are acknowledged (or will be redelivered).
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.shared.inflight.fetch_sub(n as i64, Ordering::Relaxed);
+        self.shared.unsent.fetch_sub(n as i64, Ordering::AcqRel);
+        self.shared.window.add_permits(n);
+    }
+
     fn lost(&self, connected: &mut bool, why: &str) {
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
         self.metrics.gauge("subscribed").store(0, Ordering::Relaxed);
@@ -676,6 +883,9 @@ impl Poller {
             generation: self.shared.generation.load(Ordering::Acquire),
             messages: std::mem::replace(batch, Vec::with_capacity(self.batch_size.min(1024))),
         };
+        self.shared
+            .to_source
+            .fetch_add(incoming.messages.len() as i64, Ordering::AcqRel);
         // A send error means the source task stopped: the messages stay unacknowledged.
         let _ = self.tx.send(incoming);
     }
