@@ -127,6 +127,106 @@ impl JsonSchema for ByteSize {
     }
 }
 
+/// A password, token or key from a pipeline file. `Debug` prints `***`, so a config printed
+/// with `{:?}` (a log line, a panic, an error) does not leak it; `expose` gives the value.
+/// `Display` also writes the value, because building a header or a credential is what the
+/// secret is for; never log it with `{}`. Written in TOML as a plain string.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_string())
+    }
+}
+
+/// Properties handed as is to a client library (librdkafka's `librdkafka_options`). `Debug`
+/// prints `***` for the value of every key naming a secret (`sasl.password`,
+/// `ssl.key.password`, `sasl.oauthbearer.client.secret`, …), since the map is part of configs
+/// that are printed with `{:?}`. Written in TOML as a table of strings.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct PassthroughOptions(pub std::collections::BTreeMap<String, String>);
+
+impl PassthroughOptions {
+    /// Parts of a key (lower case) that mark its value as secret.
+    const SECRET_KEY_PARTS: [&'static str; 5] = [
+        "password",
+        "secret",
+        "sasl.oauthbearer",
+        "token",
+        "ssl.key.pem",
+    ];
+
+    /// Whether the value of `key` must not be printed.
+    pub fn is_secret_key(key: &str) -> bool {
+        let key = key.to_ascii_lowercase();
+        Self::SECRET_KEY_PARTS.iter().any(|part| key.contains(part))
+    }
+}
+
+impl fmt::Debug for PassthroughOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown: &dyn fmt::Debug = if Self::is_secret_key(k) { &"***" } else { v };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
+impl std::ops::Deref for PassthroughOptions {
+    type Target = std::collections::BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PassthroughOptions {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a PassthroughOptions {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// Where something was declared.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
@@ -847,6 +947,39 @@ mod tests {
             }
         }
         assert!(parsed > 0);
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let s: Secret = toml::from_str::<toml::Table>("p = \"hunter2\"")
+            .expect("toml")
+            .remove("p")
+            .expect("key")
+            .try_into()
+            .expect("a secret is a string");
+        assert_eq!(s.expose(), "hunter2");
+        assert_eq!(format!("{s:?}"), "***");
+        assert_eq!(format!("{:?}", Some(s)), "Some(***)");
+
+        let mut o = PassthroughOptions::default();
+        for (k, v) in [
+            ("sasl.password", "pw1"),
+            ("SSL.KEY.PASSWORD", "pw2"),
+            ("sasl.oauthbearer.client.secret", "pw3"),
+            ("sasl.oauthbearer.config", "pw4"),
+            ("fetch.max.bytes", "1048576"),
+        ] {
+            o.insert(k.into(), v.into());
+        }
+        let shown = format!("{o:?}");
+        for pw in ["pw1", "pw2", "pw3", "pw4"] {
+            assert!(!shown.contains(pw), "{shown}");
+        }
+        assert!(
+            shown.contains("\"fetch.max.bytes\": \"1048576\""),
+            "{shown}"
+        );
+        assert_eq!((&o).into_iter().count(), 5);
     }
 
     #[test]

@@ -37,7 +37,7 @@
 //! `commit_failures`, `rebalances`, `seeks` (errored ranges re-read), `assigned_partitions`,
 //! and `consumer_lag{topic, partition}` from librdkafka's statistics (every 5 s).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -54,7 +54,7 @@ use rdkafka::{ClientConfig, ClientContext};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_core::ack::{self, BatchStatus, StatusReceiver, Watermark};
-use sluice_core::config::HumanDuration;
+use sluice_core::config::{HumanDuration, PassthroughOptions};
 use sluice_core::decode::{DecodeConfig, Decoded, Decoder};
 use sluice_core::metrics::ComponentMetrics;
 use sluice_core::record::{intern, Meta, Name, Origin};
@@ -118,9 +118,10 @@ pub struct KafkaSourceConfig {
     #[serde(default)]
     pub decode: DecodeConfig,
     /// Any other librdkafka consumer property (security.protocol, sasl.*, ssl.*,
-    /// fetch.max.bytes, …), passed as is; see librdkafka's CONFIGURATION.md. Default {}.
+    /// fetch.max.bytes, …), passed as is; see librdkafka's CONFIGURATION.md. `Debug` prints
+    /// `***` for values whose key names a secret (sasl.password, …). Default {}.
     #[serde(default)]
-    pub librdkafka_options: BTreeMap<String, String>,
+    pub librdkafka_options: PassthroughOptions,
 }
 
 fn default_session_timeout() -> HumanDuration {
@@ -155,7 +156,7 @@ impl KafkaSourceConfig {
             key_tag: None,
             headers_as_tags: false,
             decode: DecodeConfig::default(),
-            librdkafka_options: BTreeMap::new(),
+            librdkafka_options: PassthroughOptions::default(),
         }
     }
 
@@ -927,6 +928,24 @@ fn seek_blocked(consumer: &BaseConsumer<Context>, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_does_not_print_secret_options() {
+        let mut c = KafkaSourceConfig::new("127.0.0.1:9092", &["t"], "g");
+        for (k, v) in [
+            ("sasl.password", "pw1"),
+            ("ssl.key.password", "pw2"),
+            ("sasl.oauthbearer.client.secret", "pw3"),
+            ("security.protocol", "SASL_SSL"),
+        ] {
+            c.librdkafka_options.insert(k.into(), v.into());
+        }
+        let shown = format!("{c:?}");
+        for pw in ["pw1", "pw2", "pw3"] {
+            assert!(!shown.contains(pw), "{shown}");
+        }
+        assert!(shown.contains("SASL_SSL"), "{shown}");
+    }
 
     #[test]
     fn options_parse_and_map_to_librdkafka() {
