@@ -33,6 +33,12 @@
 //! pipeline stays blocked longer than `max.poll.interval.ms` (librdkafka default 5 minutes)
 //! the group moves the partitions elsewhere; nothing uncommitted is lost.
 //!
+//! **Tags.** A record's tags come from the payload (`decode.tags`), the message headers
+//! (`headers_as_tags`), the key (`key_tag`) and the topic (`decode.topic_pattern`); when two
+//! give the same name, the later in that list wins. Topic tags come last, so a producer
+//! cannot override them with a header (a `tenant_id` header does not change the tenant a
+//! topic like `{tenant_id}` assigns).
+//!
 //! **Metrics.** records in, bytes, decode errors (to `dead_letter`), `commits`,
 //! `commit_failures`, `rebalances`, `seeks` (errored ranges re-read), `assigned_partitions`,
 //! and `consumer_lag{topic, partition}` from librdkafka's statistics (every 5 s).
@@ -107,10 +113,13 @@ pub struct KafkaSourceConfig {
     /// Most messages per batch handed to the pipeline. Default 1000.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
-    /// Tag that receives the message key (UTF-8 keys only). Default: the key is not kept.
+    /// Tag that receives the message key (UTF-8 keys only); it replaces a header or payload
+    /// tag of the same name, not a `decode.topic_pattern` tag. Default: the key is not kept.
     #[serde(default)]
     pub key_tag: Option<String>,
-    /// Message headers with UTF-8 values become tags (header name = tag name). Default false.
+    /// Message headers with UTF-8 values become tags (header name = tag name). A header
+    /// replaces a payload tag of the same name but never a tag taken from the topic
+    /// (`decode.topic_pattern`) or the `key_tag`. Default false.
     #[serde(default)]
     pub headers_as_tags: bool,
     /// Payload decoding (json, record, line_protocol, raw; `topic_pattern` applies to the
@@ -577,15 +586,17 @@ impl Source for KafkaSource {
                         };
                         let before = decoded.records.len();
                         decoded.push(&mut decoder, m.payload, Some(&m.topic), received, meta);
+                        let key = key_tag
+                            .as_ref()
+                            .zip(m.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()));
+                        let mut protected = Vec::new();
+                        if let Some(pattern) = decoder.topic_pattern() {
+                            if key.is_some() || !m.headers.is_empty() {
+                                pattern.captures(&m.topic, |n, _| protected.push(n.clone()));
+                            }
+                        }
                         for r in &mut decoded.records[before..] {
-                            if let (Some(tag), Some(key)) = (&key_tag, &m.key) {
-                                if let Ok(k) = std::str::from_utf8(key) {
-                                    r.tags.push((tag.clone(), Arc::from(k)));
-                                }
-                            }
-                            for (h, v) in &m.headers {
-                                r.set_tag(h, v.as_str());
-                            }
+                            merge_message_tags(r, &protected, key, &m.headers);
                         }
                     }
                     metrics.add_bytes(bytes);
@@ -615,6 +626,32 @@ impl Source for KafkaSource {
             .map_err(|e| format!("kafka consumer thread: {e}"))?
             .map_err(|_| "kafka consumer thread panicked".to_string())?;
         Ok(())
+    }
+}
+
+/// Adds a message's key (`key_tag`) and headers (`headers_as_tags`) to the tags of a record
+/// decoded from it. Precedence, highest first: tags captured from the topic by
+/// `decode.topic_pattern` (`protected`), the key tag, headers, tags from the payload. Topic
+/// tags win because who may write to a topic is the broker's ACLs' decision, while headers
+/// are whatever the producer sent: a `tenant_id` header must not move a record to another
+/// tenant.
+fn merge_message_tags(
+    record: &mut sluice_core::record::Record,
+    protected: &[Name],
+    key: Option<(&Name, &str)>,
+    headers: &[(String, String)],
+) {
+    let is_protected = |name: &str| protected.iter().any(|p| &**p == name);
+    for (name, value) in headers {
+        let is_key = key.is_some_and(|(k, _)| &**k == name.as_str());
+        if !is_protected(name) && !is_key {
+            record.set_tag(name, value.as_str());
+        }
+    }
+    if let Some((name, value)) = key {
+        if !is_protected(name) {
+            record.set_tag(name, value);
+        }
     }
 }
 
@@ -997,6 +1034,31 @@ librdkafka_options = { "fetch.max.bytes" = "1048576" }
             assigned: m.gauge("assigned_partitions"),
             metrics: m,
         }
+    }
+
+    #[test]
+    fn topic_tags_win_over_key_and_headers() {
+        let mut r = sluice_core::record::Record::new(0);
+        r.set_tag("tenant_id", "from-topic");
+        r.set_tag("site", "from-payload");
+        let headers = vec![
+            ("tenant_id".to_string(), "from-header".to_string()),
+            ("site".to_string(), "from-header".to_string()),
+            ("device".to_string(), "from-header".to_string()),
+            ("extra".to_string(), "from-header".to_string()),
+        ];
+        let key_tag = intern("device");
+        merge_message_tags(
+            &mut r,
+            &[intern("tenant_id")],
+            Some((&key_tag, "from-key")),
+            &headers,
+        );
+        assert_eq!(r.tag("tenant_id"), Some("from-topic"));
+        assert_eq!(r.tag("device"), Some("from-key"));
+        assert_eq!(r.tag("site"), Some("from-header"));
+        assert_eq!(r.tag("extra"), Some("from-header"));
+        assert_eq!(r.tags.len(), 4, "no duplicate tags: {:?}", r.tags);
     }
 
     fn msg(partition: i32, offset: i64) -> RawMessage {
