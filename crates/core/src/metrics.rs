@@ -120,16 +120,18 @@ impl ComponentMetrics {
     /// A gauge with extra labels, e.g. `consumer_lag` per `topic` and `partition`; rendered as
     /// `sluice_source_consumer_lag{component="…",topic="…",partition="3"}`.
     pub fn labeled_gauge(&self, name: &'static str, labels: &[(&str, &str)]) -> Arc<AtomicI64> {
-        let mut rendered = String::new();
-        for (k, v) in labels {
-            let v = v
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n");
-            let _ = write!(rendered, ",{k}=\"{v}\"");
-        }
+        let rendered = render_labels(labels);
         let mut labeled = self.labeled.lock().unwrap_or_else(|p| p.into_inner());
         labeled.entry((name, rendered)).or_default().clone()
+    }
+
+    /// Unregisters a [`labeled_gauge`](Self::labeled_gauge), so that it is no longer
+    /// rendered (e.g. the lag of a Kafka partition this member no longer owns). Returns
+    /// whether it existed; clones of the gauge still work but are no longer shown.
+    pub fn remove_labeled_gauge(&self, name: &'static str, labels: &[(&str, &str)]) -> bool {
+        let rendered = render_labels(labels);
+        let mut labeled = self.labeled.lock().unwrap_or_else(|p| p.into_inner());
+        labeled.remove(&(name, rendered)).is_some()
     }
 
     /// A point-in-time copy of the counters.
@@ -144,6 +146,19 @@ impl ComponentMetrics {
             buffer_capacity: self.buffer_capacity.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Prometheus label text (`,k="v"` per label, escaped), the key of a labeled gauge.
+fn render_labels(labels: &[(&str, &str)]) -> String {
+    let mut rendered = String::new();
+    for (k, v) in labels {
+        let v = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = write!(rendered, ",{k}=\"{v}\"");
+    }
+    rendered
 }
 
 /// Counter values at one instant.
@@ -465,6 +480,21 @@ mod tests {
             "sluice_component_records_out_total{component=\"mqtt_in\",kind=\"source\"} 42"
         ));
         assert!(text.contains("sluice_source_connected{component=\"mqtt_in\"} 1"));
+    }
+
+    #[test]
+    fn labeled_gauges_can_be_removed() {
+        let metrics = Metrics::new();
+        let m = metrics.component("bus", Kind::Source);
+        m.labeled_gauge("consumer_lag", &[("topic", "t"), ("partition", "0")])
+            .store(5, Ordering::Relaxed);
+        m.labeled_gauge("consumer_lag", &[("topic", "t"), ("partition", "1")])
+            .store(7, Ordering::Relaxed);
+        assert!(m.remove_labeled_gauge("consumer_lag", &[("topic", "t"), ("partition", "1")]));
+        assert!(!m.remove_labeled_gauge("consumer_lag", &[("topic", "t"), ("partition", "1")]));
+        let text = metrics.render_prometheus();
+        assert!(text.contains("partition=\"0\"} 5"), "{text}");
+        assert!(!text.contains("partition=\"1\""), "{text}");
     }
 
     #[test]

@@ -427,23 +427,55 @@ struct Context {
     lag: Mutex<HashMap<(String, i32), Arc<AtomicI64>>>,
 }
 
-impl ClientContext for Context {
-    fn stats(&self, statistics: Statistics) {
+impl Context {
+    /// Stores librdkafka's `(topic, partition, lag)` reports in the `consumer_lag` gauges, for
+    /// the partitions this member owns: a revoked partition may still be reported (with a
+    /// stale lag), and its lag is now its new owner's to show.
+    fn record_lag<'a>(&self, reports: impl IntoIterator<Item = (&'a str, i32, i64)>) {
+        let owned: std::collections::HashSet<(Arc<str>, i32)> =
+            self.shared.state().partitions.keys().cloned().collect();
         let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                if *partition < 0 || p.consumer_lag < 0 {
-                    continue; // the internal "unassigned" partition, or no lag known
-                }
-                let gauge = lag.entry((topic.clone(), *partition)).or_insert_with(|| {
+        for (topic, partition, value) in reports {
+            if partition < 0 || value < 0 {
+                continue; // the internal "unassigned" partition, or no lag known
+            }
+            if !owned.contains(&(Arc::from(topic), partition)) {
+                continue;
+            }
+            let gauge = lag
+                .entry((topic.to_string(), partition))
+                .or_insert_with(|| {
                     self.shared.metrics.labeled_gauge(
                         "consumer_lag",
                         &[("topic", topic), ("partition", &partition.to_string())],
                     )
                 });
-                gauge.store(p.consumer_lag, Ordering::Relaxed);
+            gauge.store(value, Ordering::Relaxed);
+        }
+    }
+
+    /// Unregisters the `consumer_lag` gauges of revoked partitions, which would otherwise
+    /// show their last lag forever (and twice across the group, with the new owner's).
+    fn forget_lag<'a>(&self, revoked: impl IntoIterator<Item = (&'a str, i32)>) {
+        let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        for (topic, partition) in revoked {
+            if lag.remove(&(topic.to_string(), partition)).is_some() {
+                self.shared.metrics.remove_labeled_gauge(
+                    "consumer_lag",
+                    &[("topic", topic), ("partition", &partition.to_string())],
+                );
             }
         }
+    }
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        self.record_lag(statistics.topics.iter().flat_map(|(topic, t)| {
+            t.partitions
+                .iter()
+                .map(move |(partition, p)| (topic.as_str(), *partition, p.consumer_lag))
+        }));
     }
 }
 
@@ -455,15 +487,22 @@ impl ConsumerContext for Context {
             shared.drain(list);
             let offsets = shared.to_commit(Some(list));
             shared.commit(consumer, offsets);
+            let revoked: Vec<(String, i32)> = list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
             let mut state = shared.state();
-            for e in list.elements() {
+            for (topic, partition) in &revoked {
                 state
                     .partitions
-                    .remove(&(Arc::from(e.topic()), e.partition()));
+                    .remove(&(Arc::from(topic.as_str()), *partition));
             }
             shared
                 .assigned
                 .store(state.partitions.len() as i64, Ordering::Relaxed);
+            drop(state);
+            self.forget_lag(revoked.iter().map(|(t, p)| (t.as_str(), *p)));
             tracing::info!(source = %shared.name, partitions = list.count(), "kafka partitions revoked");
         }
     }
@@ -1034,6 +1073,35 @@ librdkafka_options = { "fetch.max.bytes" = "1048576" }
             assigned: m.gauge("assigned_partitions"),
             metrics: m,
         }
+    }
+
+    #[test]
+    fn lag_gauges_exist_only_for_owned_partitions() {
+        let metrics = sluice_core::metrics::Metrics::new();
+        let mut s = shared();
+        s.metrics = metrics.component("k", sluice_core::metrics::Kind::Source);
+        let cx = Context {
+            shared: Arc::new(s),
+            lag: Mutex::new(HashMap::new()),
+        };
+        assign(&cx.shared, &[0, 1]);
+        let lag_of = |p: &str| {
+            let text = metrics.render_prometheus();
+            text.lines()
+                .find(|l| l.contains("consumer_lag") && l.contains(&format!("partition=\"{p}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+        };
+        cx.record_lag([("t", 0, 5), ("t", 1, 7), ("t", 2, 9), ("t", -1, 3)]);
+        assert_eq!(lag_of("0").as_deref(), Some("5"));
+        assert_eq!(lag_of("1").as_deref(), Some("7"));
+        assert_eq!(lag_of("2"), None, "not assigned here");
+        // Partition 1 is revoked (as pre_rebalance does), then still reported by librdkafka.
+        cx.shared.state().partitions.remove(&(Arc::from("t"), 1));
+        cx.forget_lag([("t", 1)]);
+        assert_eq!(lag_of("1"), None, "removed on revoke");
+        cx.record_lag([("t", 0, 4), ("t", 1, 7)]);
+        assert_eq!(lag_of("0").as_deref(), Some("4"));
+        assert_eq!(lag_of("1"), None, "a stale report does not bring it back");
     }
 
     #[test]
