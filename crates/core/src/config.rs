@@ -15,8 +15,9 @@
 //! buffer = { max_batches = 16, when_full = "block" }
 //! ```
 //!
-//! Before parsing, `${VAR}` and `${VAR:-default}` are replaced from the environment (`$$` is a
-//! literal `$`). Several files are merged into one pipeline; a name may be declared once.
+//! `${VAR}` and `${VAR:-default}` are replaced from the environment inside string values, after
+//! parsing, so a value is never read as TOML (`$$` is a literal `$`); outside quotes a variable
+//! may only hold a number, boolean or date (`count = ${N:-10}`). Several files are merged into one pipeline; a name may be declared once.
 //! Every error names the file and line, and the component and option when there is one.
 
 use std::collections::HashMap;
@@ -123,6 +124,106 @@ impl JsonSchema for ByteSize {
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({ "type": "string", "format": "size" })
+    }
+}
+
+/// A password, token or key from a pipeline file. `Debug` prints `***`, so a config printed
+/// with `{:?}` (a log line, a panic, an error) does not leak it; `expose` gives the value.
+/// `Display` also writes the value, because building a header or a credential is what the
+/// secret is for; never log it with `{}`. Written in TOML as a plain string.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_string())
+    }
+}
+
+/// Properties handed as is to a client library (librdkafka's `librdkafka_options`). `Debug`
+/// prints `***` for the value of every key naming a secret (`sasl.password`,
+/// `ssl.key.password`, `sasl.oauthbearer.client.secret`, …), since the map is part of configs
+/// that are printed with `{:?}`. Written in TOML as a table of strings.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct PassthroughOptions(pub std::collections::BTreeMap<String, String>);
+
+impl PassthroughOptions {
+    /// Parts of a key (lower case) that mark its value as secret.
+    const SECRET_KEY_PARTS: [&'static str; 5] = [
+        "password",
+        "secret",
+        "sasl.oauthbearer",
+        "token",
+        "ssl.key.pem",
+    ];
+
+    /// Whether the value of `key` must not be printed.
+    pub fn is_secret_key(key: &str) -> bool {
+        let key = key.to_ascii_lowercase();
+        Self::SECRET_KEY_PARTS.iter().any(|part| key.contains(part))
+    }
+}
+
+impl fmt::Debug for PassthroughOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown: &dyn fmt::Debug = if Self::is_secret_key(k) { &"***" } else { v };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
+impl std::ops::Deref for PassthroughOptions {
+    type Target = std::collections::BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PassthroughOptions {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a PassthroughOptions {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
     }
 }
 
@@ -268,70 +369,248 @@ struct RawFile {
     sinks: IndexMap<String, Spanned<RawTable>>,
 }
 
-/// Replaces `${VAR}` and `${VAR:-default}` from `env`; `$$` stands for `$`.
-pub fn interpolate(
-    text: &str,
-    file: &Path,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<String, Vec<ConfigError>> {
-    let mut out = String::with_capacity(text.len());
-    let mut errors = Vec::new();
-    for (idx, line) in text.split_inclusive('\n').enumerate() {
-        let mut rest = line;
-        while let Some(pos) = rest.find('$') {
-            out.push_str(&rest[..pos]);
-            let after = &rest[pos + 1..];
-            if let Some(stripped) = after.strip_prefix('$') {
-                out.push('$');
-                rest = stripped;
-            } else if let Some(body) = after.strip_prefix('{') {
-                let Some(end) = body.find('}') else {
-                    errors.push(file_error(
-                        file,
-                        idx + 1,
-                        "unclosed `${` (write `$$` for a literal `$`)",
-                    ));
-                    out.push_str(&rest[pos..]);
-                    rest = "";
-                    break;
-                };
-                let expr = &body[..end];
-                let (name, default) = match expr.split_once(":-") {
-                    Some((n, d)) => (n, Some(d)),
-                    None => (expr, None),
-                };
-                let valid =
-                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-                if !valid {
-                    errors.push(file_error(
-                        file,
-                        idx + 1,
-                        format!("invalid variable name `{name}` in `${{{expr}}}`"),
-                    ));
-                } else {
-                    match (env(name), default) {
-                        (Some(v), _) => out.push_str(&v),
-                        (None, Some(d)) => out.push_str(d),
-                        (None, None) => errors.push(file_error(
-                            file,
-                            idx + 1,
-                            format!("environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"),
-                        )),
-                    }
-                }
-                rest = &body[end + 1..];
-            } else {
-                out.push('$');
-                rest = after;
-            }
-        }
-        out.push_str(rest);
+/// Looks up one `${…}` expression (the text between the braces): `NAME` or `NAME:-default`.
+/// The error message never contains a variable's value: it may be a secret.
+fn resolve_variable(expr: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let (name, default) = match expr.split_once(":-") {
+        Some((n, d)) => (n, Some(d)),
+        None => (expr, None),
+    };
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("invalid variable name `{name}` in `${{{expr}}}`"));
     }
+    match (env(name), default) {
+        (Some(v), _) => Ok(v),
+        (None, Some(d)) => Ok(d.to_string()),
+        (None, None) => Err(format!(
+            "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
+        )),
+    }
+}
+
+/// Substitutes `${VAR}`, `${VAR:-default}` and `$$` inside one parsed string value. The result
+/// is the value itself, never TOML, so quotes or newlines in a variable cannot end the string
+/// or add keys. Errors carry the `${…}` text they are about (to find their line).
+fn interpolate_string(
+    value: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, Vec<(String, String)>> {
+    let mut out = String::with_capacity(value.len());
+    let mut errors = Vec::new();
+    let mut rest = value;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let Some(end) = body.find('}') else {
+                errors.push((
+                    "${".to_string(),
+                    "unclosed `${` (write `$$` for a literal `$`)".to_string(),
+                ));
+                out.push_str(&rest[pos..]);
+                rest = "";
+                break;
+            };
+            let expr = &body[..end];
+            match resolve_variable(expr, env) {
+                Ok(v) => out.push_str(&v),
+                Err(msg) => errors.push((format!("${{{expr}}}"), msg)),
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
     if errors.is_empty() {
         Ok(out)
     } else {
         Err(errors)
     }
+}
+
+/// Interpolates every string value below `value` in place (keys are left alone).
+fn interpolate_value(
+    value: &mut Spanned<toml::de::DeValue<'_>>,
+    text: &str,
+    file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    let span = value.span();
+    match value.get_mut() {
+        toml::de::DeValue::String(s) => {
+            if !s.contains('$') {
+                return;
+            }
+            match interpolate_string(s, env) {
+                Ok(v) => *s = std::borrow::Cow::Owned(v),
+                Err(errs) => {
+                    // The parsed string has lost escapes and a multi-line string's first
+                    // newline, so find the `${…}` in the source text for an exact line.
+                    let raw = text.get(span.clone()).unwrap_or("");
+                    for (needle, msg) in errs {
+                        let pos = span.start + raw.find(&needle).unwrap_or(0);
+                        errors.push(file_error(file, line_of(text, pos), msg));
+                    }
+                }
+            }
+        }
+        toml::de::DeValue::Array(items) => {
+            for item in items.iter_mut() {
+                interpolate_value(item, text, file, env, errors);
+            }
+        }
+        toml::de::DeValue::Table(table) => {
+            for (_, item) in table.iter_mut() {
+                interpolate_value(item, text, file, env, errors);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Substitutes the `${VAR}` written outside quotes (`count = ${N:-10}`), before parsing. Only
+/// a number, boolean or date is accepted there, so no value can add TOML; text belongs in
+/// quotes, where `interpolate_value` substitutes it after parsing. Comments are left alone.
+fn interpolate_bare<'t>(
+    text: &'t str,
+    file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<std::borrow::Cow<'t, str>, Vec<ConfigError>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        Code,
+        Comment,
+        Basic,
+        Literal,
+        MultiBasic,
+        MultiLiteral,
+    }
+    // Every delimiter is ASCII, so byte indices at them are char boundaries.
+    let bytes = text.as_bytes();
+    let mut state = State::Code;
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut line = 1;
+    let mut errors = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        let rest = &bytes[i..];
+        match state {
+            State::Code => {
+                if rest.starts_with(b"\"\"\"") {
+                    state = State::MultiBasic;
+                    i += 3;
+                    continue;
+                } else if rest.starts_with(b"'''") {
+                    state = State::MultiLiteral;
+                    i += 3;
+                    continue;
+                } else if c == b'#' {
+                    state = State::Comment;
+                } else if c == b'"' {
+                    state = State::Basic;
+                } else if c == b'\'' {
+                    state = State::Literal;
+                } else if rest.starts_with(b"${") {
+                    let close = rest[2..]
+                        .iter()
+                        .position(|&b| b == b'}' || b == b'\n')
+                        .filter(|&n| rest[2 + n] == b'}');
+                    let Some(len) = close else {
+                        errors.push(file_error(
+                            file,
+                            line,
+                            "unclosed `${` (write `$$` for a literal `$`)",
+                        ));
+                        i += 2;
+                        continue;
+                    };
+                    let expr = &text[i + 2..i + 2 + len];
+                    match resolve_variable(expr, env) {
+                        Ok(v) if is_bare_scalar(&v) => {
+                            out.push_str(&text[copied..i]);
+                            out.push_str(v.trim());
+                            copied = i + 2 + len + 1;
+                        }
+                        Ok(_) => errors.push(file_error(
+                            file,
+                            line,
+                            format!(
+                                "`${{{expr}}}` outside quotes must hold a number, boolean or \
+                                 date; for text write it inside quotes: \"${{{expr}}}\""
+                            ),
+                        )),
+                        Err(msg) => errors.push(file_error(file, line, msg)),
+                    }
+                    i += 2 + len + 1;
+                    continue;
+                }
+            }
+            State::Comment | State::Basic | State::Literal if c == b'\n' => state = State::Code,
+            State::Comment => {}
+            State::Basic | State::MultiBasic if c == b'\\' => {
+                // Skip the escaped character (it may be a quote), counting a newline.
+                if bytes.get(i + 1) == Some(&b'\n') {
+                    line += 1;
+                }
+                i += 2;
+                continue;
+            }
+            State::Basic if c == b'"' => state = State::Code,
+            State::Literal if c == b'\'' => state = State::Code,
+            State::MultiBasic | State::MultiLiteral => {
+                let quote = if state == State::MultiBasic {
+                    b'"'
+                } else {
+                    b'\''
+                };
+                if rest.starts_with(&[quote; 3]) {
+                    // Up to two more quotes before the delimiter belong to the string.
+                    i += 3;
+                    let mut extra = 0;
+                    while extra < 2 && bytes.get(i) == Some(&quote) {
+                        i += 1;
+                        extra += 1;
+                    }
+                    state = State::Code;
+                    continue;
+                }
+            }
+            State::Basic | State::Literal => {}
+        }
+        if c == b'\n' {
+            line += 1;
+        }
+        i += 1;
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    if copied == 0 {
+        return Ok(std::borrow::Cow::Borrowed(text));
+    }
+    out.push_str(&text[copied..]);
+    Ok(std::borrow::Cow::Owned(out))
+}
+
+/// Whether `v` is one TOML number, boolean or date and nothing else.
+fn is_bare_scalar(v: &str) -> bool {
+    let v = v.trim();
+    !v.contains(['\n', '\r', '#', '"', '\'', '[', ']', '{', '}', ',', '='])
+        && matches!(
+            toml::de::DeValue::parse(v).map(Spanned::into_inner),
+            Ok(toml::de::DeValue::Integer(_)
+                | toml::de::DeValue::Float(_)
+                | toml::de::DeValue::Boolean(_)
+                | toml::de::DeValue::Datetime(_))
+        )
 }
 
 fn file_error(file: &Path, line: usize, message: impl Into<String>) -> ConfigError {
@@ -398,13 +677,27 @@ pub fn parse_into(
     file: &Path,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<(), Vec<ConfigError>> {
-    let text = interpolate(text, file, env)?;
-    let raw: RawFile = toml::from_str(&text).map_err(|e| {
-        let line = e.span().map(|s| line_of(&text, s.start)).unwrap_or(1);
+    let toml_error = |text: &str, e: toml::de::Error| {
+        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
         // toml's message starts with a location header and a source excerpt; keep the gist.
         let msg = e.message().trim().to_string();
         vec![file_error(file, line, msg)]
-    })?;
+    };
+    let text = interpolate_bare(text, file, &env)?;
+    let text = text.as_ref();
+    // Parse first, then substitute inside string values: a variable's value is data, never
+    // TOML syntax. Spans still point into `text`, so errors keep their lines.
+    let mut root = toml::de::DeTable::parse(text).map_err(|e| toml_error(text, e))?;
+    let mut errors = Vec::new();
+    for (_, value) in root.get_mut().iter_mut() {
+        interpolate_value(value, text, file, &env, &mut errors);
+    }
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.location.as_ref().map(|l| l.line));
+        return Err(errors);
+    }
+    let raw = RawFile::deserialize(toml::de::Deserializer::from(root))
+        .map_err(|e| toml_error(text, e))?;
     let file: Arc<Path> = Arc::from(file);
     let mut errors = Vec::new();
     if let Some(settings) = raw.pipeline {
@@ -418,9 +711,9 @@ pub fn parse_into(
         for (name, body) in table {
             let location = Location {
                 file: file.clone(),
-                line: line_of(&text, body.span().start),
+                line: line_of(text, body.span().start),
             };
-            match component_decl(kind, name, body.into_inner(), location, &text) {
+            match component_decl(kind, name, body.into_inner(), location, text) {
                 Ok(decl) => {
                     if let Some(prev) = merged.components.iter().find(|c| c.name == decl.name) {
                         errors.push(decl.error(
@@ -547,15 +840,146 @@ mod tests {
         }
     }
 
+    fn options_of(text: &str, env: impl Fn(&str) -> Option<String>) -> toml::Table {
+        let mut cfg = PipelineConfig::default();
+        parse_into(&mut cfg, text, Path::new("p.toml"), env).expect("parses");
+        cfg.components.remove(0).options
+    }
+
     #[test]
     fn interpolation_with_defaults_and_escapes() {
         let p = Path::new("p.toml");
-        let out = interpolate("a=\"${HOST}\"\nb=\"${PORT:-1883}\"\nc=\"$$x $y\"\n", p, env)
-            .expect("interpolates");
-        assert_eq!(out, "a=\"broker\"\nb=\"1883\"\nc=\"$x $y\"\n");
-        let err = interpolate("\n\nx = \"${MISSING}\"", p, env).expect_err("missing var");
+        let opts = options_of(
+            "[sources.s]\ntype = \"x\"\na=\"${HOST}\"\nb=\"${PORT:-1883}\"\nc=\"$$x $y\"\n\
+             l=['${HOST}']\nt={ u = \"${HOST}:1\" }\nn = ${PORT:-1883}\n# ${UNSET} in a comment\n",
+            env,
+        );
+        assert_eq!(opts["a"].as_str(), Some("broker"));
+        assert_eq!(opts["b"].as_str(), Some("1883"));
+        assert_eq!(opts["c"].as_str(), Some("$x $y"));
+        assert_eq!(opts["l"][0].as_str(), Some("broker"));
+        assert_eq!(opts["t"]["u"].as_str(), Some("broker:1"));
+        assert_eq!(opts["n"].as_integer(), Some(1883));
+        let err = parse_into(
+            &mut PipelineConfig::default(),
+            "[sources.s]\ntype = \"x\"\nx = \"${MISSING}\"",
+            p,
+            env,
+        )
+        .expect_err("missing var");
         assert_eq!(err[0].to_string().split(':').nth(1), Some("3"));
         assert!(err[0].message.contains("MISSING"));
+        let err = parse_into(
+            &mut PipelineConfig::default(),
+            "[sources.s]\ntype = \"x\"\nx = \"\"\"\nok\n${MISSING}\"\"\"\ny = ${ALSO_MISSING}\n",
+            p,
+            env,
+        )
+        .expect_err("missing vars");
+        let lines: Vec<_> = err
+            .iter()
+            .map(|e| e.location.as_ref().map(|l| l.line))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![Some(6)],
+            "bare variables are checked first: {err:?}"
+        );
+        let err = parse_into(
+            &mut PipelineConfig::default(),
+            "[sources.s]\ntype = \"x\"\nx = \"\"\"\nok\n${MISSING}\"\"\"\ny = 'a${B}'\n",
+            p,
+            env,
+        )
+        .expect_err("missing vars");
+        let lines: Vec<_> = err
+            .iter()
+            .map(|e| e.location.as_ref().map(|l| l.line))
+            .collect();
+        assert_eq!(lines, vec![Some(5), Some(6)], "{err:?}");
+    }
+
+    #[test]
+    fn variables_are_data_not_toml() {
+        let secret = |k: &str| (k == "SECRET").then(|| "a\"b\nc = 1".to_string());
+        let opts = options_of(
+            "[sources.s]\ntype = \"mqtt\"\npassword = \"${SECRET}\"\nraw = '${SECRET}'\n",
+            secret,
+        );
+        assert_eq!(opts["password"].as_str(), Some("a\"b\nc = 1"));
+        assert_eq!(opts["raw"].as_str(), Some("a\"b\nc = 1"));
+        assert_eq!(opts.len(), 2, "no key injected: {opts:?}");
+        // Outside quotes only a scalar is accepted, and the error does not echo the value.
+        let err = parse_into(
+            &mut PipelineConfig::default(),
+            "[sources.s]\ntype = \"mqtt\"\nport = ${SECRET}\n",
+            Path::new("p.toml"),
+            secret,
+        )
+        .expect_err("text outside quotes");
+        assert_eq!(err[0].location.as_ref().map(|l| l.line), Some(3));
+        assert!(!err[0].to_string().contains("a\"b"), "{}", err[0]);
+    }
+
+    #[test]
+    fn shipped_pipelines_parse_with_their_defaults() {
+        // They use `${VAR:-default}` inside and outside quotes (`count = ${FLEET_COUNT:-…}`).
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines");
+        let entries = std::fs::read_dir(&dir).expect("pipelines/ exists");
+        let mut parsed = 0;
+        for entry in entries {
+            let path = entry.expect("readable directory").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).expect("readable pipeline");
+                // With the defaults, only variables without one (secrets) may be missing.
+                if let Err(errors) =
+                    parse_into(&mut PipelineConfig::default(), &text, &path, |_| None)
+                {
+                    for e in errors {
+                        assert!(e.message.contains("is not set"), "{}: {e}", path.display());
+                    }
+                }
+                parse_into(&mut PipelineConfig::default(), &text, &path, |_| {
+                    Some("1".into())
+                })
+                .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+                parsed += 1;
+            }
+        }
+        assert!(parsed > 0);
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let s: Secret = toml::from_str::<toml::Table>("p = \"hunter2\"")
+            .expect("toml")
+            .remove("p")
+            .expect("key")
+            .try_into()
+            .expect("a secret is a string");
+        assert_eq!(s.expose(), "hunter2");
+        assert_eq!(format!("{s:?}"), "***");
+        assert_eq!(format!("{:?}", Some(s)), "Some(***)");
+
+        let mut o = PassthroughOptions::default();
+        for (k, v) in [
+            ("sasl.password", "pw1"),
+            ("SSL.KEY.PASSWORD", "pw2"),
+            ("sasl.oauthbearer.client.secret", "pw3"),
+            ("sasl.oauthbearer.config", "pw4"),
+            ("fetch.max.bytes", "1048576"),
+        ] {
+            o.insert(k.into(), v.into());
+        }
+        let shown = format!("{o:?}");
+        for pw in ["pw1", "pw2", "pw3", "pw4"] {
+            assert!(!shown.contains(pw), "{shown}");
+        }
+        assert!(
+            shown.contains("\"fetch.max.bytes\": \"1048576\""),
+            "{shown}"
+        );
+        assert_eq!((&o).into_iter().count(), 5);
     }
 
     #[test]

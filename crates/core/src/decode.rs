@@ -164,6 +164,12 @@ impl Decoder {
         })
     }
 
+    /// The largest payload accepted (`max_payload`), in bytes: line readers stop buffering
+    /// a line beyond it.
+    pub fn max_payload(&self) -> u64 {
+        self.config.max_payload.0
+    }
+
     /// The topic pattern, if configured.
     pub fn topic_pattern(&self) -> Option<&TopicPattern> {
         self.topic.as_ref()

@@ -217,4 +217,63 @@ mod tests {
         assert!(from_json(b"{\"time\":0,\"fields\":{\"a\":[1]}}").is_err());
         assert!(from_json(b"\xff").is_err());
     }
+
+    /// A float field as an `f64`, whether it came back as a float or (integral) an integer.
+    fn number(r: &Record) -> Option<f64> {
+        match r.field("x")? {
+            Value::F64(f) => Some(*f),
+            Value::I64(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn floats_decode_exactly() {
+        // serde_json's default (fast, not correctly rounded) parser turns the first one into
+        // 92.2779806, one unit in the last place away.
+        for text in [
+            "92.27798059999999",
+            "2.2250738585072014e-308",
+            "0.3",
+            "1e300",
+        ] {
+            let exact: f64 = text.parse().expect("a float");
+            let line = format!(r#"{{"time":"2026-01-01T00:00:00Z","fields":{{"x":{text}}}}}"#);
+            let r = from_json(line.as_bytes()).expect("a record");
+            assert_eq!(r.field("x"), Some(&Value::F64(exact)), "{text}");
+            let v: Json = serde_json::from_str(text).expect("JSON");
+            assert_eq!(json_scalar(&v), Some(Value::F64(exact)), "{text}");
+            // The `json` codec of the sources.
+            let mut decoder = crate::decode::Decoder::new(Default::default()).expect("decoder");
+            let payload = bytes::Bytes::from(format!(r#"{{"ts":1,"x":{text}}}"#));
+            let r = decoder
+                .decode(payload, None, 0, Meta::default())
+                .expect("decodes");
+            assert_eq!(r.field("x"), Some(&Value::F64(exact)), "{text}");
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn every_finite_f64_survives_encode_then_decode(
+            f in proptest::num::f64::ANY.prop_filter("finite", |f| f.is_finite())
+        ) {
+            let mut r = Record::new(0);
+            r.set_field("x", Value::F64(f));
+            let mut line = Vec::new();
+            write_line(&r, &mut line);
+            let back = from_json(&line).map_err(TestCaseError::fail)?;
+            match back.field("x") {
+                Some(Value::F64(g)) => prop_assert_eq!(g.to_bits(), f.to_bits()),
+                other => prop_assert!(false, "{f} came back as {other:?}"),
+            }
+            // Rust's `{}` (shortest round-trip decimal, no exponent) read as a JSON number.
+            let v: Json = serde_json::from_str(&format!("{f}")).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let mut r = Record::new(0);
+            r.fields.push((intern("x"), json_scalar(&v).unwrap_or(Value::Null)));
+            prop_assert_eq!(number(&r), Some(f));
+        }
+    }
 }

@@ -120,16 +120,18 @@ impl ComponentMetrics {
     /// A gauge with extra labels, e.g. `consumer_lag` per `topic` and `partition`; rendered as
     /// `sluice_source_consumer_lag{component="…",topic="…",partition="3"}`.
     pub fn labeled_gauge(&self, name: &'static str, labels: &[(&str, &str)]) -> Arc<AtomicI64> {
-        let mut rendered = String::new();
-        for (k, v) in labels {
-            let v = v
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n");
-            let _ = write!(rendered, ",{k}=\"{v}\"");
-        }
+        let rendered = render_labels(labels);
         let mut labeled = self.labeled.lock().unwrap_or_else(|p| p.into_inner());
         labeled.entry((name, rendered)).or_default().clone()
+    }
+
+    /// Unregisters a [`labeled_gauge`](Self::labeled_gauge), so that it is no longer
+    /// rendered (e.g. the lag of a Kafka partition this member no longer owns). Returns
+    /// whether it existed; clones of the gauge still work but are no longer shown.
+    pub fn remove_labeled_gauge(&self, name: &'static str, labels: &[(&str, &str)]) -> bool {
+        let rendered = render_labels(labels);
+        let mut labeled = self.labeled.lock().unwrap_or_else(|p| p.into_inner());
+        labeled.remove(&(name, rendered)).is_some()
     }
 
     /// A point-in-time copy of the counters.
@@ -144,6 +146,19 @@ impl ComponentMetrics {
             buffer_capacity: self.buffer_capacity.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Prometheus label text (`,k="v"` per label, escaped), the key of a labeled gauge.
+fn render_labels(labels: &[(&str, &str)]) -> String {
+    let mut rendered = String::new();
+    for (k, v) in labels {
+        let v = v
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        let _ = write!(rendered, ",{k}=\"{v}\"");
+    }
+    rendered
 }
 
 /// Counter values at one instant.
@@ -367,37 +382,87 @@ fn human_rate(r: f64) -> String {
     }
 }
 
+/// Connections the metrics server answers at once; further ones wait in the listen backlog,
+/// so a flood of clients costs no tasks or memory here.
+const MAX_CONNECTIONS: usize = 64;
+/// Time a client gets to send its request, and again to take the answer, before it is cut
+/// off (and its connection slot freed).
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed `accept()`: errors such as EMFILE (no file descriptors left) fail
+/// again at once, and retrying without a pause spins a core.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one accept warning per this interval; the others are counted in the next one.
+const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Serves `GET /metrics` (Prometheus text) and `GET /health` on `listener` until the task is
 /// dropped. A deliberately small HTTP/1.1 responder: two read-only endpoints do not justify an
-/// HTTP framework in the core crate.
+/// HTTP framework in the core crate. At most 64 connections are served at once, each with a
+/// 5 s read and write timeout.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    serve_with(listener, metrics, MAX_CONNECTIONS, IO_TIMEOUT).await
+}
+
+async fn serve_with(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    max_connections: usize,
+    io_timeout: Duration,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let mut last_warning: Option<std::time::Instant> = None;
+    let mut unreported = 0u64;
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        // A slot is taken before accepting, so beyond the limit clients wait in the backlog.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if last_warning.is_none_or(|t| t.elapsed() >= ACCEPT_WARNING_INTERVAL) {
+                    tracing::warn!(
+                        error = %e,
+                        failures_since_last_warning = unreported,
+                        "metrics server: accept failed; retrying every {ACCEPT_BACKOFF:?}"
+                    );
+                    last_warning = Some(std::time::Instant::now());
+                    unreported = 0;
+                } else {
+                    unreported += 1;
+                }
+                drop(slot);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", metrics.render_prometheus()),
-                "/health" => ("200 OK", "ok\n".to_string()),
-                _ => ("404 Not Found", "try /metrics or /health\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
+            answer(stream, &metrics, io_timeout).await;
+            drop(slot);
         });
     }
+}
+
+/// Reads one request and writes the answer, each within `io_timeout`.
+async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics, io_timeout: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 2048];
+    let n = match tokio::time::timeout(io_timeout, stream.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => n,
+        _ => return,
+    };
+    let request = String::from_utf8_lossy(&buf[..n]);
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let (status, body) = match path {
+        "/metrics" => ("200 OK", metrics.render_prometheus()),
+        "/health" => ("200 OK", "ok\n".to_string()),
+        _ => ("404 Not Found", "try /metrics or /health\n".to_string()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(io_timeout, stream.write_all(response.as_bytes())).await;
 }
 
 #[cfg(test)]
@@ -418,6 +483,21 @@ mod tests {
     }
 
     #[test]
+    fn labeled_gauges_can_be_removed() {
+        let metrics = Metrics::new();
+        let m = metrics.component("bus", Kind::Source);
+        m.labeled_gauge("consumer_lag", &[("topic", "t"), ("partition", "0")])
+            .store(5, Ordering::Relaxed);
+        m.labeled_gauge("consumer_lag", &[("topic", "t"), ("partition", "1")])
+            .store(7, Ordering::Relaxed);
+        assert!(m.remove_labeled_gauge("consumer_lag", &[("topic", "t"), ("partition", "1")]));
+        assert!(!m.remove_labeled_gauge("consumer_lag", &[("topic", "t"), ("partition", "1")]));
+        let text = metrics.render_prometheus();
+        assert!(text.contains("partition=\"0\"} 5"), "{text}");
+        assert!(!text.contains("partition=\"1\""), "{text}");
+    }
+
+    #[test]
     fn rate_line_shows_rates_and_problems() {
         let metrics = Metrics::new();
         let sink = metrics.component("out", Kind::Sink);
@@ -427,5 +507,73 @@ mod tests {
         sink.add_errors(2);
         let line = rate_line(&metrics.all(), &before, Duration::from_secs(2));
         assert_eq!(line, "out in 10.0k/s buf 0/16 err 2");
+    }
+
+    async fn server(max_connections: usize, io_timeout: Duration) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local address");
+        tokio::spawn(serve_with(
+            listener,
+            Metrics::new(),
+            max_connections,
+            io_timeout,
+        ));
+        addr
+    }
+
+    /// Sends a request and reads the answer until the server closes, within `wait`.
+    async fn get(
+        stream: &mut tokio::net::TcpStream,
+        wait: Duration,
+    ) -> Result<String, tokio::time::error::Elapsed> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = stream.write_all(b"GET /health HTTP/1.1\r\n\r\n").await;
+        let mut out = Vec::new();
+        tokio::time::timeout(wait, stream.read_to_end(&mut out))
+            .await?
+            .ok();
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    #[tokio::test]
+    async fn metrics_server_bounds_its_connections() {
+        use tokio::net::TcpStream;
+        let addr = server(2, Duration::from_secs(30)).await;
+        let idle1 = TcpStream::connect(addr).await.expect("connect");
+        let idle2 = TcpStream::connect(addr).await.expect("connect");
+        // Let the server accept both idle clients: they now hold the two slots.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut third = TcpStream::connect(addr).await.expect("connect (backlog)");
+        assert!(
+            get(&mut third, Duration::from_millis(300)).await.is_err(),
+            "a third connection is not served while two are open"
+        );
+        drop(idle1);
+        let answer = get(&mut third, Duration::from_secs(5))
+            .await
+            .expect("served once a slot is free");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        drop(idle2);
+    }
+
+    #[tokio::test]
+    async fn metrics_server_drops_silent_clients() {
+        use tokio::io::AsyncReadExt;
+        let addr = server(1, Duration::from_millis(200)).await;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed after the read timeout"
+        );
+        // Its slot is free again.
+        let mut next = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let answer = get(&mut next, Duration::from_secs(5))
+            .await
+            .expect("served");
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     }
 }

@@ -20,7 +20,7 @@ use rumqttc::v5;
 pub use rumqttc::QoS;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use sluice_core::config::{ByteSize, HumanDuration};
+use sluice_core::config::{ByteSize, HumanDuration, Secret};
 
 /// MQTT protocol version.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -90,9 +90,9 @@ pub struct ConnectionConfig {
     #[serde(default)]
     pub username: Option<String>,
     /// Password; write `password = "${MQTT_PASSWORD}"` to take it from the environment.
-    /// Default: none.
+    /// Printed as `***` by `Debug`. Default: none.
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// TLS options (`mqtts://` URLs; a `tls` table also turns TLS on for `mqtt://`).
     /// Default: none.
     #[serde(default)]
@@ -399,7 +399,10 @@ impl Connector {
                     .set_max_packet_size(max_packet, max_packet)
                     .set_inflight(s.max_inflight.max(1));
                 if let Some(u) = &c.username {
-                    o.set_credentials(u, c.password.clone().unwrap_or_default());
+                    o.set_credentials(
+                        u,
+                        c.password.as_ref().map(Secret::expose).unwrap_or_default(),
+                    );
                 }
                 if let Some(tls) = &self.tls {
                     o.set_transport(rumqttc::Transport::tls_with_config(
@@ -426,7 +429,10 @@ impl Connector {
                     o.set_session_expiry_interval(Some(secs));
                 }
                 if let Some(u) = &c.username {
-                    o.set_credentials(u, c.password.clone().unwrap_or_default());
+                    o.set_credentials(
+                        u,
+                        c.password.as_ref().map(Secret::expose).unwrap_or_default(),
+                    );
                 }
                 if let Some(tls) = &self.tls {
                     o.set_transport(rumqttc::Transport::tls_with_config(
@@ -907,6 +913,16 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_does_not_print_the_password() {
+        let mut c = ConnectionConfig::new("mqtt://localhost");
+        c.username = Some("device".into());
+        c.password = Some("hunter2".into());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("password: Some(***)"), "{shown}");
+    }
 
     #[test]
     fn urls() {

@@ -55,7 +55,7 @@ pub struct InfluxDbConfig {
     /// API token, sent as `Authorization: Token …`; use "${INFLUX_TOKEN}" to read it from the
     /// environment. Default: none (no Authorization header).
     #[serde(default)]
-    pub token: Option<String>,
+    pub token: Option<sluice_core::config::Secret>,
     /// Measurement name; `{tag}` placeholders as in `bucket`. Default "telemetry".
     #[serde(default = "default_measurement")]
     pub measurement: String,

@@ -25,7 +25,6 @@
 //! writing duplicates or reordering a partition; re-sends by the sink after a timeout can still
 //! duplicate a message (at-least-once).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,7 +38,7 @@ use rdkafka::ClientConfig;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_core::ack::BatchStatus;
-use sluice_core::config::{ByteSize, HumanDuration};
+use sluice_core::config::{ByteSize, HumanDuration, PassthroughOptions};
 use sluice_core::metrics::ComponentMetrics;
 use sluice_core::record::{Batch, Record};
 use sluice_core::registry::{BuildContext, SinkConfig};
@@ -153,9 +152,10 @@ pub struct KafkaSinkConfig {
     #[serde(default)]
     pub retry: RetryConfig,
     /// Any other librdkafka producer property (security.protocol, sasl.*, ssl.*, …), passed
-    /// as is; see librdkafka's CONFIGURATION.md. Default {}.
+    /// as is; see librdkafka's CONFIGURATION.md. `Debug` prints `***` for values whose key
+    /// names a secret (sasl.password, …). Default {}.
     #[serde(default)]
-    pub librdkafka_options: BTreeMap<String, String>,
+    pub librdkafka_options: PassthroughOptions,
     /// Batching of the input. Default: 1000 records / 10MiB / "10ms".
     #[serde(default = "default_batch")]
     pub batch: BatchConfig,
@@ -204,7 +204,7 @@ impl KafkaSinkConfig {
             message_timeout: default_message_timeout(),
             in_flight_batches: default_in_flight(),
             retry: RetryConfig::default(),
-            librdkafka_options: BTreeMap::new(),
+            librdkafka_options: PassthroughOptions::default(),
             batch: default_batch(),
         }
     }
@@ -524,6 +524,25 @@ impl Sink for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_does_not_print_secrets() {
+        let mut c = KafkaSinkConfig::new("127.0.0.1:9092", "t");
+        c.librdkafka_options
+            .insert("sasl.password".into(), "pw1".into());
+        c.librdkafka_options
+            .insert("sasl.oauthbearer.config".into(), "pw2".into());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pw1") && !shown.contains("pw2"), "{shown}");
+        // The InfluxDB sink's token, checked here to leave influxdb.rs to its config type.
+        let influx: crate::influxdb::InfluxDbConfig = toml::from_str(
+            "url = \"http://127.0.0.1:8086\"\norg = \"o\"\nbucket = \"b\"\ntoken = \"tok3n\"\n",
+        )
+        .expect("valid config");
+        assert_eq!(influx.token.as_ref().map(|t| t.expose()), Some("tok3n"));
+        let shown = format!("{influx:?}");
+        assert!(!shown.contains("tok3n"), "{shown}");
+    }
 
     #[test]
     fn options_parse_and_are_checked() {

@@ -89,21 +89,37 @@ impl Backoff {
     }
 }
 
-/// Parses a `Retry-After` header: delay-seconds or an HTTP date.
+/// The largest delay `parse_retry_after` returns. A header is server-controlled input: without
+/// a bound, `Retry-After: 99999999999999999999` would overflow `Duration` (a panic in
+/// `from_secs_f64`). `Backoff::next_delay` caps the hint further, at `max_backoff`.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Parses a `Retry-After` header: delay-seconds or an HTTP date, capped at `MAX_RETRY_AFTER`.
+/// A value that is not a delay (negative, NaN, infinite, unparsable) gives `None`, so the
+/// caller falls back to its computed backoff; a date in the past gives zero.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        if !secs.is_finite() || secs < 0.0 {
+            return None;
+        }
+        // Finite and non-negative, so the only failure left is overflow: that is a huge delay.
+        return Some(
+            Duration::try_from_secs_f64(secs)
+                .unwrap_or(MAX_RETRY_AFTER)
+                .min(MAX_RETRY_AFTER),
+        );
     }
     let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     let now = chrono::Utc::now();
     Some(
         (at.with_timezone(&chrono::Utc) - now)
             .to_std()
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
     )
 }
 
@@ -147,5 +163,27 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn retry_after_huge_or_invalid_values_do_not_panic() {
+        // Overflows u64, parses as f64 1e20: used to panic in `Duration::from_secs_f64`.
+        assert_eq!(
+            parse_retry_after("99999999999999999999"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(parse_retry_after("1e300"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after(&u64::MAX.to_string()),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(MAX_RETRY_AFTER)
+        );
+        for invalid in ["-1", "-0.5", "NaN", "nan", "inf", "-inf", "infinity", ""] {
+            assert_eq!(parse_retry_after(invalid), None, "{invalid:?}");
+        }
+        assert_eq!(parse_retry_after("-0"), Some(Duration::ZERO));
     }
 }

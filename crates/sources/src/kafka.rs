@@ -33,11 +33,17 @@
 //! pipeline stays blocked longer than `max.poll.interval.ms` (librdkafka default 5 minutes)
 //! the group moves the partitions elsewhere; nothing uncommitted is lost.
 //!
+//! **Tags.** A record's tags come from the payload (`decode.tags`), the message headers
+//! (`headers_as_tags`), the key (`key_tag`) and the topic (`decode.topic_pattern`); when two
+//! give the same name, the later in that list wins. Topic tags come last, so a producer
+//! cannot override them with a header (a `tenant_id` header does not change the tenant a
+//! topic like `{tenant_id}` assigns).
+//!
 //! **Metrics.** records in, bytes, decode errors (to `dead_letter`), `commits`,
 //! `commit_failures`, `rebalances`, `seeks` (errored ranges re-read), `assigned_partitions`,
 //! and `consumer_lag{topic, partition}` from librdkafka's statistics (every 5 s).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -54,7 +60,7 @@ use rdkafka::{ClientConfig, ClientContext};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_core::ack::{self, BatchStatus, StatusReceiver, Watermark};
-use sluice_core::config::HumanDuration;
+use sluice_core::config::{HumanDuration, PassthroughOptions};
 use sluice_core::decode::{DecodeConfig, Decoded, Decoder};
 use sluice_core::metrics::ComponentMetrics;
 use sluice_core::record::{intern, Meta, Name, Origin};
@@ -107,10 +113,13 @@ pub struct KafkaSourceConfig {
     /// Most messages per batch handed to the pipeline. Default 1000.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
-    /// Tag that receives the message key (UTF-8 keys only). Default: the key is not kept.
+    /// Tag that receives the message key (UTF-8 keys only); it replaces a header or payload
+    /// tag of the same name, not a `decode.topic_pattern` tag. Default: the key is not kept.
     #[serde(default)]
     pub key_tag: Option<String>,
-    /// Message headers with UTF-8 values become tags (header name = tag name). Default false.
+    /// Message headers with UTF-8 values become tags (header name = tag name). A header
+    /// replaces a payload tag of the same name but never a tag taken from the topic
+    /// (`decode.topic_pattern`) or the `key_tag`. Default false.
     #[serde(default)]
     pub headers_as_tags: bool,
     /// Payload decoding (json, record, line_protocol, raw; `topic_pattern` applies to the
@@ -118,9 +127,10 @@ pub struct KafkaSourceConfig {
     #[serde(default)]
     pub decode: DecodeConfig,
     /// Any other librdkafka consumer property (security.protocol, sasl.*, ssl.*,
-    /// fetch.max.bytes, …), passed as is; see librdkafka's CONFIGURATION.md. Default {}.
+    /// fetch.max.bytes, …), passed as is; see librdkafka's CONFIGURATION.md. `Debug` prints
+    /// `***` for values whose key names a secret (sasl.password, …). Default {}.
     #[serde(default)]
-    pub librdkafka_options: BTreeMap<String, String>,
+    pub librdkafka_options: PassthroughOptions,
 }
 
 fn default_session_timeout() -> HumanDuration {
@@ -155,7 +165,7 @@ impl KafkaSourceConfig {
             key_tag: None,
             headers_as_tags: false,
             decode: DecodeConfig::default(),
-            librdkafka_options: BTreeMap::new(),
+            librdkafka_options: PassthroughOptions::default(),
         }
     }
 
@@ -417,23 +427,55 @@ struct Context {
     lag: Mutex<HashMap<(String, i32), Arc<AtomicI64>>>,
 }
 
-impl ClientContext for Context {
-    fn stats(&self, statistics: Statistics) {
+impl Context {
+    /// Stores librdkafka's `(topic, partition, lag)` reports in the `consumer_lag` gauges, for
+    /// the partitions this member owns: a revoked partition may still be reported (with a
+    /// stale lag), and its lag is now its new owner's to show.
+    fn record_lag<'a>(&self, reports: impl IntoIterator<Item = (&'a str, i32, i64)>) {
+        let owned: std::collections::HashSet<(Arc<str>, i32)> =
+            self.shared.state().partitions.keys().cloned().collect();
         let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in &t.partitions {
-                if *partition < 0 || p.consumer_lag < 0 {
-                    continue; // the internal "unassigned" partition, or no lag known
-                }
-                let gauge = lag.entry((topic.clone(), *partition)).or_insert_with(|| {
+        for (topic, partition, value) in reports {
+            if partition < 0 || value < 0 {
+                continue; // the internal "unassigned" partition, or no lag known
+            }
+            if !owned.contains(&(Arc::from(topic), partition)) {
+                continue;
+            }
+            let gauge = lag
+                .entry((topic.to_string(), partition))
+                .or_insert_with(|| {
                     self.shared.metrics.labeled_gauge(
                         "consumer_lag",
                         &[("topic", topic), ("partition", &partition.to_string())],
                     )
                 });
-                gauge.store(p.consumer_lag, Ordering::Relaxed);
+            gauge.store(value, Ordering::Relaxed);
+        }
+    }
+
+    /// Unregisters the `consumer_lag` gauges of revoked partitions, which would otherwise
+    /// show their last lag forever (and twice across the group, with the new owner's).
+    fn forget_lag<'a>(&self, revoked: impl IntoIterator<Item = (&'a str, i32)>) {
+        let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        for (topic, partition) in revoked {
+            if lag.remove(&(topic.to_string(), partition)).is_some() {
+                self.shared.metrics.remove_labeled_gauge(
+                    "consumer_lag",
+                    &[("topic", topic), ("partition", &partition.to_string())],
+                );
             }
         }
+    }
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        self.record_lag(statistics.topics.iter().flat_map(|(topic, t)| {
+            t.partitions
+                .iter()
+                .map(move |(partition, p)| (topic.as_str(), *partition, p.consumer_lag))
+        }));
     }
 }
 
@@ -445,15 +487,22 @@ impl ConsumerContext for Context {
             shared.drain(list);
             let offsets = shared.to_commit(Some(list));
             shared.commit(consumer, offsets);
+            let revoked: Vec<(String, i32)> = list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
             let mut state = shared.state();
-            for e in list.elements() {
+            for (topic, partition) in &revoked {
                 state
                     .partitions
-                    .remove(&(Arc::from(e.topic()), e.partition()));
+                    .remove(&(Arc::from(topic.as_str()), *partition));
             }
             shared
                 .assigned
                 .store(state.partitions.len() as i64, Ordering::Relaxed);
+            drop(state);
+            self.forget_lag(revoked.iter().map(|(t, p)| (t.as_str(), *p)));
             tracing::info!(source = %shared.name, partitions = list.count(), "kafka partitions revoked");
         }
     }
@@ -576,15 +625,17 @@ impl Source for KafkaSource {
                         };
                         let before = decoded.records.len();
                         decoded.push(&mut decoder, m.payload, Some(&m.topic), received, meta);
+                        let key = key_tag
+                            .as_ref()
+                            .zip(m.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()));
+                        let mut protected = Vec::new();
+                        if let Some(pattern) = decoder.topic_pattern() {
+                            if key.is_some() || !m.headers.is_empty() {
+                                pattern.captures(&m.topic, |n, _| protected.push(n.clone()));
+                            }
+                        }
                         for r in &mut decoded.records[before..] {
-                            if let (Some(tag), Some(key)) = (&key_tag, &m.key) {
-                                if let Ok(k) = std::str::from_utf8(key) {
-                                    r.tags.push((tag.clone(), Arc::from(k)));
-                                }
-                            }
-                            for (h, v) in &m.headers {
-                                r.set_tag(h, v.as_str());
-                            }
+                            merge_message_tags(r, &protected, key, &m.headers);
                         }
                     }
                     metrics.add_bytes(bytes);
@@ -614,6 +665,32 @@ impl Source for KafkaSource {
             .map_err(|e| format!("kafka consumer thread: {e}"))?
             .map_err(|_| "kafka consumer thread panicked".to_string())?;
         Ok(())
+    }
+}
+
+/// Adds a message's key (`key_tag`) and headers (`headers_as_tags`) to the tags of a record
+/// decoded from it. Precedence, highest first: tags captured from the topic by
+/// `decode.topic_pattern` (`protected`), the key tag, headers, tags from the payload. Topic
+/// tags win because who may write to a topic is the broker's ACLs' decision, while headers
+/// are whatever the producer sent: a `tenant_id` header must not move a record to another
+/// tenant.
+fn merge_message_tags(
+    record: &mut sluice_core::record::Record,
+    protected: &[Name],
+    key: Option<(&Name, &str)>,
+    headers: &[(String, String)],
+) {
+    let is_protected = |name: &str| protected.iter().any(|p| &**p == name);
+    for (name, value) in headers {
+        let is_key = key.is_some_and(|(k, _)| &**k == name.as_str());
+        if !is_protected(name) && !is_key {
+            record.set_tag(name, value.as_str());
+        }
+    }
+    if let Some((name, value)) = key {
+        if !is_protected(name) {
+            record.set_tag(name, value);
+        }
     }
 }
 
@@ -929,6 +1006,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn debug_does_not_print_secret_options() {
+        let mut c = KafkaSourceConfig::new("127.0.0.1:9092", &["t"], "g");
+        for (k, v) in [
+            ("sasl.password", "pw1"),
+            ("ssl.key.password", "pw2"),
+            ("sasl.oauthbearer.client.secret", "pw3"),
+            ("security.protocol", "SASL_SSL"),
+        ] {
+            c.librdkafka_options.insert(k.into(), v.into());
+        }
+        let shown = format!("{c:?}");
+        for pw in ["pw1", "pw2", "pw3"] {
+            assert!(!shown.contains(pw), "{shown}");
+        }
+        assert!(shown.contains("SASL_SSL"), "{shown}");
+    }
+
+    #[test]
     fn options_parse_and_map_to_librdkafka() {
         let c: KafkaSourceConfig = toml::from_str(
             r#"
@@ -978,6 +1073,60 @@ librdkafka_options = { "fetch.max.bytes" = "1048576" }
             assigned: m.gauge("assigned_partitions"),
             metrics: m,
         }
+    }
+
+    #[test]
+    fn lag_gauges_exist_only_for_owned_partitions() {
+        let metrics = sluice_core::metrics::Metrics::new();
+        let mut s = shared();
+        s.metrics = metrics.component("k", sluice_core::metrics::Kind::Source);
+        let cx = Context {
+            shared: Arc::new(s),
+            lag: Mutex::new(HashMap::new()),
+        };
+        assign(&cx.shared, &[0, 1]);
+        let lag_of = |p: &str| {
+            let text = metrics.render_prometheus();
+            text.lines()
+                .find(|l| l.contains("consumer_lag") && l.contains(&format!("partition=\"{p}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+        };
+        cx.record_lag([("t", 0, 5), ("t", 1, 7), ("t", 2, 9), ("t", -1, 3)]);
+        assert_eq!(lag_of("0").as_deref(), Some("5"));
+        assert_eq!(lag_of("1").as_deref(), Some("7"));
+        assert_eq!(lag_of("2"), None, "not assigned here");
+        // Partition 1 is revoked (as pre_rebalance does), then still reported by librdkafka.
+        cx.shared.state().partitions.remove(&(Arc::from("t"), 1));
+        cx.forget_lag([("t", 1)]);
+        assert_eq!(lag_of("1"), None, "removed on revoke");
+        cx.record_lag([("t", 0, 4), ("t", 1, 7)]);
+        assert_eq!(lag_of("0").as_deref(), Some("4"));
+        assert_eq!(lag_of("1"), None, "a stale report does not bring it back");
+    }
+
+    #[test]
+    fn topic_tags_win_over_key_and_headers() {
+        let mut r = sluice_core::record::Record::new(0);
+        r.set_tag("tenant_id", "from-topic");
+        r.set_tag("site", "from-payload");
+        let headers = vec![
+            ("tenant_id".to_string(), "from-header".to_string()),
+            ("site".to_string(), "from-header".to_string()),
+            ("device".to_string(), "from-header".to_string()),
+            ("extra".to_string(), "from-header".to_string()),
+        ];
+        let key_tag = intern("device");
+        merge_message_tags(
+            &mut r,
+            &[intern("tenant_id")],
+            Some((&key_tag, "from-key")),
+            &headers,
+        );
+        assert_eq!(r.tag("tenant_id"), Some("from-topic"));
+        assert_eq!(r.tag("device"), Some("from-key"));
+        assert_eq!(r.tag("site"), Some("from-header"));
+        assert_eq!(r.tag("extra"), Some("from-header"));
+        assert_eq!(r.tags.len(), 4, "no duplicate tags: {:?}", r.tags);
     }
 
     fn msg(partition: i32, offset: i64) -> RawMessage {
