@@ -480,6 +480,10 @@ pub async fn client(region: Option<&str>, endpoint_url: Option<&str>) -> Result<
 
 #[async_trait]
 impl SourceConfig for SqsConfig {
+    fn acknowledges(&self) -> bool {
+        true
+    }
+
     async fn build(&self, _cx: &BuildContext) -> Result<Box<dyn Source>, BoxError> {
         self.validate()?;
         // Validate the decoding options now (each receiver builds its own decoder).
