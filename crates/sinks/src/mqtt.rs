@@ -17,7 +17,9 @@
 //!
 //! The sink uses a clean session and keeps every unconfirmed publish itself: after a
 //! reconnect it publishes them again on the new connection (at-least-once; a message the
-//! broker had already received before the connection dropped arrives twice).
+//! broker had already received before the connection dropped arrives twice). Publishes wait
+//! in the sink until the broker's in-flight window (the smaller of `max_inflight` and, for v5,
+//! the broker's Receive Maximum: 20 on a default mosquitto) has room for them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -185,9 +187,18 @@ impl Sink for MqttSink {
         let mut client: Option<sluice_mqtt::Client> = None;
         let mut next_seq = 0u64;
         let mut unconfirmed: BTreeMap<u64, Unconfirmed> = BTreeMap::new();
-        // Publishes queued on the current connection, in order, until rumqttc assigns their ids.
+        // Publishes not yet handed to the current connection's client, oldest first. The
+        // client's request channel is drained by rumqttc only while the broker's in-flight
+        // window has room (for v5 the broker's Receive Maximum, 20 on a default mosquitto),
+        // so handing it everything at once fails for what does not fit; those wait here and
+        // go out as confirmations free room.
+        let mut to_send: VecDeque<u64> = VecDeque::new();
+        // Publishes handed to the current connection, in order, until rumqttc assigns their ids.
         let mut queued: VecDeque<u64> = VecDeque::new();
         let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+        // A hand-over failed although there was room (the event loop is going away): retry
+        // after a pause, in case no signal arrives to trigger it.
+        let mut retry_later = false;
         let mut input_open = true;
         let max = self.max_inflight as usize;
         let result: Result<(), BoxError> = loop {
@@ -201,11 +212,7 @@ impl Sink for MqttSink {
                         // Everything unconfirmed goes out again on the new connection.
                         queued.clear();
                         by_pkid.clear();
-                        for (seq, u) in &unconfirmed {
-                            if c.try_publish(u.topic.clone(), self.qos, self.retain, u.payload.clone()).is_ok() {
-                                queued.push_back(*seq);
-                            }
-                        }
+                        to_send = unconfirmed.keys().copied().collect();
                         client = Some(c);
                     }
                     Some(Signal::Sent(pkid)) => {
@@ -233,7 +240,6 @@ impl Sink for MqttSink {
                 batch = batches.recv(), if can_take => match batch {
                     None => input_open = false,
                     Some(mut batch) => {
-                        let Some(c) = client.as_ref() else { continue };
                         let mut rejected: Vec<(Record, String)> = Vec::new();
                         for mut r in batch.records.drain(..) {
                             let built = self.topic.render(&r).and_then(|t| payload(self.format, &r).map(|p| (t, p)));
@@ -243,11 +249,7 @@ impl Sink for MqttSink {
                                     cx.metrics.add_bytes(payload.len());
                                     let seq = next_seq;
                                     next_seq += 1;
-                                    if c.try_publish(topic.clone(), self.qos, self.retain, payload.clone()).is_ok() {
-                                        queued.push_back(seq);
-                                    }
-                                    // (If the connection just went away, the publish is sent
-                                    // again after the reconnect.)
+                                    to_send.push_back(seq);
                                     unconfirmed.insert(seq, Unconfirmed {
                                         topic,
                                         payload,
@@ -261,6 +263,29 @@ impl Sink for MqttSink {
                         }
                     }
                 },
+                _ = tokio::time::sleep(Duration::from_millis(50)), if retry_later => {}
+            }
+            // Hand over what fits: at most `max_inflight` publishes are in the client's
+            // channel or in flight at once, which the channel (max_inflight + 16) always holds.
+            retry_later = false;
+            if let Some(c) = &client {
+                while queued.len() + by_pkid.len() < max {
+                    let Some(&seq) = to_send.front() else { break };
+                    let Some(u) = unconfirmed.get(&seq) else {
+                        to_send.pop_front();
+                        continue;
+                    };
+                    if c.try_publish(u.topic.clone(), self.qos, self.retain, u.payload.clone())
+                        .is_err()
+                    {
+                        // (If the connection just went away, everything unconfirmed is sent
+                        // again after the reconnect.)
+                        retry_later = true;
+                        break;
+                    }
+                    to_send.pop_front();
+                    queued.push_back(seq);
+                }
             }
             cx.metrics
                 .gauge("inflight")
