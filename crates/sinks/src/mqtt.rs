@@ -13,7 +13,9 @@
 //! `{name}` in `topic` is replaced by the record's tag `name` (or, failing that, its field).
 //! A record is acknowledged when the broker confirms it: PUBACK at QoS 1, PUBCOMP at QoS 2,
 //! and once written to the socket at QoS 0. Records whose topic or payload cannot be built go
-//! to the sink's `dead_letter` output.
+//! to the sink's `dead_letter` output (Rejected), and so do records whose topic a broker would
+//! refuse: empty, longer than 65,535 bytes, holding a control character (U+0000–U+001F,
+//! U+007F–U+009F) or a wildcard (`+`, `#`).
 //!
 //! The sink uses a clean session and keeps every unconfirmed publish itself: after a
 //! reconnect it publishes them again on the new connection (at-least-once; a message the
@@ -46,6 +48,38 @@ pub use sluice_mqtt::{Protocol, TlsConfig};
 
 /// Characters a topic name built from a template may not contain.
 const TOPIC_FORBIDDEN: &[char] = &['+', '#', '\0'];
+
+/// Longest topic name MQTT can carry: a length-prefixed string with a 16-bit length.
+const TOPIC_MAX_BYTES: usize = 65_535;
+
+/// Why `topic` cannot be published, if it cannot. Checked before publishing because a broker
+/// answers such a PUBLISH by dropping the connection (mosquitto treats U+0000–U+001F and
+/// U+007F–U+009F as malformed UTF-8, MQTT 3.1.1 §1.5.3 / 5.0 §1.5.4), and the sink would then
+/// re-send it on every reconnect forever, blocking every record behind it.
+fn topic_error(topic: &str) -> Option<String> {
+    if topic.is_empty() {
+        return Some("the topic is empty".into());
+    }
+    if topic.len() > TOPIC_MAX_BYTES {
+        return Some(format!(
+            "the topic is {} bytes long, MQTT allows at most {TOPIC_MAX_BYTES}",
+            topic.len()
+        ));
+    }
+    // `char::is_control` is exactly Unicode's Cc category: U+0000–U+001F and U+007F–U+009F.
+    if let Some(c) = topic.chars().find(|c| c.is_control()) {
+        return Some(format!(
+            "topic {topic:?} contains the control character U+{:04X}, which brokers refuse",
+            c as u32
+        ));
+    }
+    if let Some(c) = topic.chars().find(|c| matches!(c, '+' | '#')) {
+        return Some(format!(
+            "topic {topic:?} contains the wildcard `{c}`, which a published topic may not"
+        ));
+    }
+    None
+}
 
 /// Publishes records to an MQTT broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -111,6 +145,13 @@ impl SinkConfig for MqttSinkConfig {
         let connector = Connector::new(&self.connection, &cx.pipeline_id, &cx.name)?;
         let qos = sluice_mqtt::qos(self.qos)?;
         let topic = Template::new("topic", &self.topic, TOPIC_FORBIDDEN)?;
+        if let Some(c) = self.topic.chars().find(|c| c.is_control()) {
+            return Err(format!(
+                "`topic` = {:?} contains the control character U+{:04X}, which brokers refuse",
+                self.topic, c as u32
+            )
+            .into());
+        }
         if self.max_inflight == 0 {
             return Err("`max_inflight` must be at least 1".into());
         }
@@ -242,7 +283,14 @@ impl Sink for MqttSink {
                     Some(mut batch) => {
                         let mut rejected: Vec<(Record, String)> = Vec::new();
                         for mut r in batch.records.drain(..) {
-                            let built = self.topic.render(&r).and_then(|t| payload(self.format, &r).map(|p| (t, p)));
+                            let built = self
+                                .topic
+                                .render(&r)
+                                .and_then(|t| match topic_error(&t) {
+                                    Some(e) => Err(e),
+                                    None => Ok(t),
+                                })
+                                .and_then(|t| payload(self.format, &r).map(|p| (t, p)));
                             match built {
                                 Err(e) => rejected.push((r, e)),
                                 Ok((topic, payload)) => {
@@ -417,6 +465,36 @@ mod tests {
         let mut bad = record();
         bad.set_tag("device_id", "a+b");
         assert!(t.render(&bad).is_err());
+    }
+
+    #[tokio::test]
+    async fn topics_brokers_refuse_are_caught_before_publishing() {
+        assert_eq!(topic_error("alerts/dev-7"), None);
+        assert_eq!(topic_error("alerts/gerät/温度"), None);
+        for bad in [
+            "alerts/dev\n1",
+            "alerts/\0",
+            "alerts/\u{1f}",
+            "alerts/\u{7f}",
+            "alerts/\u{85}",
+            "alerts/\u{9f}",
+        ] {
+            let e = topic_error(bad).expect("refused");
+            assert!(e.contains("control character"), "{bad:?}: {e}");
+        }
+        assert!(topic_error("a/+/b").is_some());
+        assert!(topic_error("a/#").is_some());
+        assert!(topic_error("").is_some());
+        assert!(topic_error(&"a".repeat(TOPIC_MAX_BYTES)).is_none());
+        let long = topic_error(&"a".repeat(TOPIC_MAX_BYTES + 1)).expect("too long");
+        assert!(long.contains("65535"), "{long}");
+        let c = MqttSinkConfig::new("mqtt://127.0.0.1:1", "alerts/\t{device_id}");
+        let cx = BuildContext {
+            name: "alerts".into(),
+            pipeline_id: "p".into(),
+        };
+        let err = c.build(&cx).await.err().expect("refused");
+        assert!(err.to_string().contains("U+0009"), "{err}");
     }
 
     #[test]

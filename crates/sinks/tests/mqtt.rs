@@ -374,3 +374,69 @@ async fn drains_through_default_mosquitto_v5() {
 async fn drains_through_default_mosquitto_v311() {
     drains_through_small_receive_maximum(Protocol::V311).await;
 }
+
+/// A tag holding a control character makes a topic the broker refuses (mosquitto drops the
+/// connection). The record is dead-lettered with the reason before it is published; the
+/// records around it arrive and the sink never reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_character_in_topic_is_dead_lettered() {
+    testing::require_broker();
+    let prefix = testing::unique("sink-ctl");
+    let c = MqttSinkConfig::new(BROKER, &format!("{prefix}/echo/{{device_id}}"));
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let filter = format!("{prefix}/echo/+");
+    let collector = tokio::spawn(async move {
+        testing::collect(BROKER, &filter, 20, Duration::from_secs(10), ready_tx).await
+    });
+    ready.await.expect("collector subscribed");
+    let mut sink = start(&c).await;
+    let (first, first_status) = alerts(0..10);
+    let (mut bad, bad_status) = alerts(10..11);
+    bad.records[0].set_tag("device_id", "dev\n1");
+    let (last, last_status) = alerts(11..21);
+    for b in [first, bad, last] {
+        sink.out.send(b).await.expect("send");
+    }
+    let mut dead = tokio::time::timeout(Duration::from_secs(10), sink.dead.recv())
+        .await
+        .expect("dead-lettered in time")
+        .expect("dead letter");
+    assert_eq!(dead.len(), 1);
+    let error = dead.records[0].meta.error.clone().unwrap_or_default();
+    assert!(error.contains("control character"), "{error}");
+    dead.finalize(BatchStatus::Delivered);
+    for (name, status, want) in [
+        ("first", first_status, BatchStatus::Delivered),
+        ("bad", bad_status, BatchStatus::Rejected),
+        ("last", last_status, BatchStatus::Delivered),
+    ] {
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(10), status)
+                .await
+                .unwrap_or_else(|_| panic!("{name} batch resolved in time")),
+            want,
+            "{name} batch"
+        );
+    }
+    assert_eq!(sink.metrics.records_out.load(Ordering::Relaxed), 20);
+    assert_eq!(
+        sink.metrics.counter("reconnects").load(Ordering::Relaxed),
+        0,
+        "the bad topic never reached the broker"
+    );
+    let got = collector.await.expect("collector");
+    let seqs: BTreeSet<i64> = got
+        .iter()
+        .map(|(_, p, _)| {
+            let v: serde_json::Value = serde_json::from_slice(p).expect("JSON payload");
+            v["seq"].as_i64().expect("seq")
+        })
+        .collect();
+    assert_eq!(seqs, (0..10).chain(11..21).collect());
+    drop(sink.out);
+    tokio::time::timeout(Duration::from_secs(10), sink.task)
+        .await
+        .expect("sink stops")
+        .expect("task")
+        .expect("sink ok");
+}
