@@ -15,7 +15,8 @@
 //! and once written to the socket at QoS 0. Records whose topic or payload cannot be built go
 //! to the sink's `dead_letter` output (Rejected), and so do records whose topic a broker would
 //! refuse: empty, longer than 65,535 bytes, holding a control character (U+0000–U+001F,
-//! U+007F–U+009F) or a wildcard (`+`, `#`).
+//! U+007F–U+009F) or a wildcard (`+`, `#`), and records whose PUBLISH would exceed
+//! `max_packet_size`.
 //!
 //! The sink uses a clean session and keeps every unconfirmed publish itself: after a
 //! reconnect it publishes them again on the new connection (at-least-once; a message the
@@ -48,6 +49,28 @@ pub use sluice_mqtt::{Protocol, TlsConfig};
 
 /// Characters a topic name built from a template may not contain.
 const TOPIC_FORBIDDEN: &[char] = &['+', '#', '\0'];
+
+/// Size of the PUBLISH packet for `topic` and `payload_len` payload bytes, as rumqttc
+/// computes it before refusing a packet over `max_packet_size` (by dropping the connection,
+/// which would make the sink re-send it forever): fixed header, topic, packet id (QoS > 0),
+/// and for v5 the (empty) properties' length byte.
+fn publish_size(protocol: Protocol, qos: QoS, topic: &str, payload_len: usize) -> usize {
+    let mut len = 2 + topic.len() + payload_len;
+    if qos != QoS::AtMostOnce {
+        len += 2;
+    }
+    if protocol == Protocol::V5 {
+        len += 1;
+    }
+    // The remaining length is a variable-length integer of 7 bits per byte.
+    let len_len = match len {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_len + len
+}
 
 /// Longest topic name MQTT can carry: a length-prefixed string with a 16-bit length.
 const TOPIC_MAX_BYTES: usize = 65_535;
@@ -156,6 +179,9 @@ impl SinkConfig for MqttSinkConfig {
             return Err("`max_inflight` must be at least 1".into());
         }
         Ok(Box::new(MqttSink {
+            protocol: self.connection.protocol,
+            max_packet_size: usize::try_from(self.connection.max_packet_size.0)
+                .unwrap_or(usize::MAX),
             connector,
             topic,
             qos,
@@ -168,6 +194,9 @@ impl SinkConfig for MqttSinkConfig {
 }
 
 struct MqttSink {
+    protocol: Protocol,
+    /// `max_packet_size`: bigger publishes are dead-lettered.
+    max_packet_size: usize,
     connector: Connector,
     topic: Template,
     qos: QoS,
@@ -293,6 +322,19 @@ impl Sink for MqttSink {
                                 .and_then(|t| payload(self.format, &r).map(|p| (t, p)));
                             match built {
                                 Err(e) => rejected.push((r, e)),
+                                Ok((topic, payload))
+                                    if publish_size(self.protocol, self.qos, &topic, payload.len())
+                                        > self.max_packet_size =>
+                                {
+                                    let size = publish_size(self.protocol, self.qos, &topic, payload.len());
+                                    rejected.push((
+                                        r,
+                                        format!(
+                                            "the PUBLISH to {topic:?} would be {size} bytes, over `max_packet_size` ({} bytes)",
+                                            self.max_packet_size
+                                        ),
+                                    ));
+                                }
                                 Ok((topic, payload)) => {
                                     cx.metrics.add_bytes(payload.len());
                                     let seq = next_seq;
@@ -495,6 +537,32 @@ mod tests {
         };
         let err = c.build(&cx).await.err().expect("refused");
         assert!(err.to_string().contains("U+0009"), "{err}");
+    }
+
+    /// The size the sink checks is the size rumqttc refuses (a larger estimate would reject
+    /// publishes that fit; a smaller one would let the connection-dropping ones through).
+    #[test]
+    fn publish_size_matches_rumqttc() {
+        use rumqttc::v5::mqttbytes::v5::Publish as Publish5;
+        use rumqttc::v5::mqttbytes::QoS as QoS5;
+        for topic in ["a", "alerts/dev-7/temp"] {
+            for n in [0usize, 100, 127, 200, 16_400, 2_100_000] {
+                for (qos, qos5) in [
+                    (QoS::AtMostOnce, QoS5::AtMostOnce),
+                    (QoS::AtLeastOnce, QoS5::AtLeastOnce),
+                    (QoS::ExactlyOnce, QoS5::ExactlyOnce),
+                ] {
+                    let mut p4 = rumqttc::Publish::new(topic, qos, vec![0u8; n]);
+                    let mut p5 = Publish5::new(topic, qos5, vec![0u8; n], None);
+                    if qos != QoS::AtMostOnce {
+                        p4.pkid = 1;
+                        p5.pkid = 1;
+                    }
+                    assert_eq!(publish_size(Protocol::V311, qos, topic, n), p4.size());
+                    assert_eq!(publish_size(Protocol::V5, qos, topic, n), p5.size());
+                }
+            }
+        }
     }
 
     #[test]

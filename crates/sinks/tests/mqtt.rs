@@ -440,3 +440,58 @@ async fn control_character_in_topic_is_dead_lettered() {
         .expect("task")
         .expect("sink ok");
 }
+
+/// A record whose PUBLISH would exceed `max_packet_size` makes rumqttc drop the connection
+/// ("outgoing packet too large"), and the sink would re-send it on every reconnect. It is
+/// dead-lettered with the reason instead; the records around it arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_over_max_packet_size_is_dead_lettered() {
+    testing::require_broker();
+    for protocol in [Protocol::V5, Protocol::V311] {
+        let prefix = testing::unique("sink-big");
+        let mut c = MqttSinkConfig::new(BROKER, &format!("{prefix}/echo/{{device_id}}"));
+        c.connection.protocol = protocol;
+        c.connection.max_packet_size = "1KiB".parse().expect("size");
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let filter = format!("{prefix}/echo/+");
+        let collector = tokio::spawn(async move {
+            testing::collect(BROKER, &filter, 20, Duration::from_secs(10), ready_tx).await
+        });
+        ready.await.expect("collector subscribed");
+        let mut sink = start(&c).await;
+        let (first, first_status) = alerts(0..10);
+        let (mut big, big_status) = alerts(10..11);
+        big.records[0].set_field("note", Value::Str("x".repeat(2_000).into()));
+        let (last, last_status) = alerts(11..21);
+        for b in [first, big, last] {
+            sink.out.send(b).await.expect("send");
+        }
+        let mut dead = tokio::time::timeout(Duration::from_secs(10), sink.dead.recv())
+            .await
+            .expect("dead-lettered in time")
+            .expect("dead letter");
+        let error = dead.records[0].meta.error.clone().unwrap_or_default();
+        assert!(error.contains("max_packet_size"), "{error}");
+        dead.finalize(BatchStatus::Delivered);
+        for (name, status, want) in [
+            ("first", first_status, BatchStatus::Delivered),
+            ("big", big_status, BatchStatus::Rejected),
+            ("last", last_status, BatchStatus::Delivered),
+        ] {
+            assert_eq!(
+                tokio::time::timeout(Duration::from_secs(10), status)
+                    .await
+                    .unwrap_or_else(|_| panic!("{name} batch resolved in time ({protocol:?})")),
+                want,
+                "{name} batch ({protocol:?})"
+            );
+        }
+        assert_eq!(
+            sink.metrics.counter("reconnects").load(Ordering::Relaxed),
+            0
+        );
+        assert_eq!(collector.await.expect("collector").len(), 20);
+        drop(sink.out);
+        sink.task.await.expect("task").expect("sink ok");
+    }
+}
