@@ -129,6 +129,12 @@ fn print_errors(errors: &[ConfigError]) {
     }
 }
 
+fn print_warnings(warnings: &[ConfigError]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
 fn load(files: &[PathBuf]) -> Result<config::PipelineConfig, ExitCode> {
     config::load_files(files).map_err(|errors| {
         print_errors(&errors);
@@ -145,6 +151,7 @@ fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             };
             match topology::plan(cfg, &registry) {
                 Ok(plan) => {
+                    print_warnings(&plan.warnings());
                     let comps = plan.components();
                     let count = |k| comps.iter().filter(|(kind, _, _)| *kind == k).count();
                     use sluice_core::metrics::Kind;
@@ -257,6 +264,9 @@ fn run_pipeline(
                 return Ok(ExitCode::FAILURE);
             }
         };
+        for w in plan.warnings() {
+            tracing::warn!("{w}");
+        }
         let metrics = Metrics::new();
         if let Some(addr) = opts.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)

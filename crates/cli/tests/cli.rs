@@ -59,6 +59,73 @@ fn validate_reports_graph_errors() {
     assert!(stderr.contains("cycle between components"), "{stderr}");
 }
 
+/// Records a component rejects under an acknowledging source are acknowledged even when
+/// nothing reads its `dead_letter` output: `validate` says so, with the fix, and still passes.
+#[test]
+fn validate_warns_about_unconsumed_dead_letters_under_acknowledging_sources() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(
+        dir.path(),
+        "acks.toml",
+        r#"[sources.devices]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+topics = ["devices/+/data"]
+qos = 1
+
+[transforms.dd]
+type = "dedupe"
+inputs = ["devices"]
+key = ["tags.device_id", "seq"]
+
+[sinks.out]
+type = "console"
+inputs = ["dd"]
+
+[sinks.dead]
+type = "console"
+inputs = ["devices.dead_letter"]
+
+[sources.sim]
+type = "simulator"
+
+[transforms.sim_dd]
+type = "dedupe"
+inputs = ["sim"]
+key = ["tags.device_id", "seq"]
+
+[sinks.sim_out]
+type = "console"
+inputs = ["sim_dd"]
+"#,
+    );
+    let out = sluice().arg("validate").arg(&file).output().expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a warning, not an error: {stderr}"
+    );
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    let w = warnings[0];
+    assert!(
+        w.contains("acks.toml:7: transforms.dd:"),
+        "file, line, component: {w}"
+    );
+    assert!(
+        w.contains("`devices`"),
+        "names the acknowledging source: {w}"
+    );
+    assert!(
+        w.contains(r#"add a sink with inputs = ["dd.dead_letter"]"#),
+        "names the fix: {w}"
+    );
+}
+
 #[test]
 fn graph_prints_mermaid() {
     let out = sluice()

@@ -25,6 +25,11 @@
 //! # });
 //! ```
 //!
+//! A component that must know how *one* record fared (not its whole source batch) attaches a
+//! [`watched`] finalizer to it: the [`Watch`] tells the final status of that record's copies,
+//! and can hand other records' finalizers the same outcome ([`Watch::follow`]), which is how
+//! `dedupe` makes a duplicate share the fate of its still-pending original.
+//!
 //! Protocols that need acknowledgements in source order (MQTT PUBACKs, Kafka offset commits) put
 //! their pending batches in an [`Ordered`] queue, which releases them only as a contiguous prefix.
 
@@ -32,7 +37,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use smallvec::SmallVec;
@@ -68,14 +73,29 @@ impl BatchStatus {
 
 struct Shared {
     status: AtomicU8,
-    tx: Option<oneshot::Sender<BatchStatus>>,
+    notify: Notify,
+}
+
+/// Who learns the final status when the last holder is gone.
+enum Notify {
+    /// A source batch's [`StatusReceiver`].
+    Source(oneshot::Sender<BatchStatus>),
+    /// A [`Watch`] (and the finalizers following it).
+    Watch(Arc<WatchState>),
+    /// Already told.
+    Done,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            // The source may have gone away (shutdown deadline); then nobody needs the answer.
-            let _ = tx.send(BatchStatus::from_u8(*self.status.get_mut()));
+        let status = BatchStatus::from_u8(*self.status.get_mut());
+        match std::mem::replace(&mut self.notify, Notify::Done) {
+            Notify::Source(tx) => {
+                // The source may have gone away (shutdown deadline); then nobody needs the answer.
+                let _ = tx.send(status);
+            }
+            Notify::Watch(w) => w.resolve(status),
+            Notify::Done => {}
         }
     }
 }
@@ -200,17 +220,106 @@ impl Finalizers {
 /// Creates the finalizer for a new source batch and the receiver of its final status.
 pub fn batch() -> (Finalizer, StatusReceiver) {
     let (tx, rx) = oneshot::channel();
-    let shared = Shared {
-        status: AtomicU8::new(BatchStatus::Delivered as u8),
-        tx: Some(tx),
-    };
-    (
+    (Finalizer::new(Notify::Source(tx)), StatusReceiver(rx))
+}
+
+impl Finalizer {
+    fn new(notify: Notify) -> Self {
         Finalizer {
-            shared: Arc::new(shared),
+            shared: Arc::new(Shared {
+                status: AtomicU8::new(BatchStatus::Delivered as u8),
+                notify,
+            }),
             done: false,
-        },
-        StatusReceiver(rx),
-    )
+        }
+    }
+}
+
+/// Creates a finalizer that tracks one record rather than a source batch, and the [`Watch`]
+/// that observes it.
+///
+/// Add the finalizer to the record's [`Finalizers`]: it resolves, like any other, with the
+/// worst status of the record's copies once every sink finished them. Unlike a
+/// [`StatusReceiver`], the watch is not awaited: it is polled ([`Watch::status`]) by a
+/// component that keeps per-record state, and it can pass the outcome on to other records
+/// ([`Watch::follow`]) without a task waiting for it. Holding the watch does not keep the
+/// record (or its source batch) open.
+///
+/// ```
+/// use sluice_core::ack::{self, BatchStatus, Finalizers};
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let (original, watch) = ack::watched();
+/// let (duplicate, duplicate_status) = ack::batch();
+/// watch.follow(Finalizers::one(duplicate)); // the duplicate takes the original's outcome
+/// assert_eq!(watch.status(), None);
+/// original.finish(BatchStatus::Errored);
+/// assert_eq!(watch.status(), Some(BatchStatus::Errored));
+/// assert_eq!(duplicate_status.await, BatchStatus::Errored);
+/// # });
+/// ```
+pub fn watched() -> (Finalizer, Watch) {
+    let state = Arc::new(WatchState(Mutex::new(WatchInner::Pending(Vec::new()))));
+    (Finalizer::new(Notify::Watch(state.clone())), Watch(state))
+}
+
+/// Observes the final status of a [`watched`] finalizer. Cheap to keep (one shared
+/// allocation) and does not hold the watched record open.
+#[derive(Debug, Clone)]
+pub struct Watch(Arc<WatchState>);
+
+#[derive(Debug)]
+struct WatchState(Mutex<WatchInner>);
+
+#[derive(Debug)]
+enum WatchInner {
+    /// Still in flight; these finalizers get its final status.
+    Pending(Vec<Finalizers>),
+    Resolved(BatchStatus),
+}
+
+impl WatchState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchInner> {
+        // A poisoned lock only means a holder panicked between two plain assignments; the
+        // state is still one of the two variants and valid.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn resolve(&self, status: BatchStatus) {
+        let followers = match std::mem::replace(&mut *self.lock(), WatchInner::Resolved(status)) {
+            WatchInner::Pending(f) => f,
+            WatchInner::Resolved(_) => Vec::new(),
+        };
+        // Finished outside the lock: finishing may resolve other batches or watches.
+        for f in followers {
+            f.finish(status);
+        }
+    }
+}
+
+impl Watch {
+    /// The final status, once every copy of the watched record is finalized; `None` while
+    /// it is in flight.
+    pub fn status(&self) -> Option<BatchStatus> {
+        match &*self.0.lock() {
+            WatchInner::Pending(_) => None,
+            WatchInner::Resolved(s) => Some(*s),
+        }
+    }
+
+    /// Finishes `finalizers` with the watched record's final status: now if it is known,
+    /// else when it resolves. They are held until then, so their sources do not acknowledge
+    /// (or give up on) them before the watched record's fate is known.
+    pub fn follow(&self, finalizers: Finalizers) {
+        let mut inner = self.0.lock();
+        match &mut *inner {
+            WatchInner::Pending(followers) => followers.push(finalizers),
+            WatchInner::Resolved(s) => {
+                let s = *s;
+                drop(inner);
+                finalizers.finish(s);
+            }
+        }
+    }
 }
 
 /// Resolves with the batch's final status once every copy of every record is finalized.
@@ -476,6 +585,30 @@ mod tests {
         f.finish(BatchStatus::Delivered);
         set.finish(BatchStatus::Rejected);
         assert_eq!(rx.await, BatchStatus::Rejected);
+    }
+
+    #[tokio::test]
+    async fn watch_reports_the_record_outcome_and_passes_it_on() {
+        let (f, watch) = watched();
+        let copy = f.clone(); // fan-out to a second sink
+        let (dup, dup_status) = batch();
+        watch.follow(Finalizers::one(dup));
+        f.finish(BatchStatus::Delivered);
+        assert_eq!(watch.status(), None, "one copy is still in flight");
+        copy.finish(BatchStatus::Rejected);
+        assert_eq!(watch.status(), Some(BatchStatus::Rejected));
+        assert_eq!(dup_status.await, BatchStatus::Rejected);
+        // Following after the fact finishes at once.
+        let (late, late_status) = batch();
+        watch.follow(Finalizers::one(late));
+        assert_eq!(late_status.await, BatchStatus::Rejected);
+    }
+
+    #[test]
+    fn watched_record_dropped_unfinished_counts_errored() {
+        let (f, watch) = watched();
+        drop(f);
+        assert_eq!(watch.status(), Some(BatchStatus::Errored));
     }
 
     #[test]

@@ -41,6 +41,12 @@ pub trait SourceConfig: std::fmt::Debug + Send + Sync {
     fn outputs(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Whether the source, so configured, acknowledges records upstream (what
+    /// [`Source::can_acknowledge`] will say once built). Known before building so that
+    /// `validate` can warn where acknowledged records may be dropped. Default false.
+    fn acknowledges(&self) -> bool {
+        false
+    }
 }
 
 /// Configuration of a transform type.
@@ -57,6 +63,12 @@ pub trait TransformConfig: std::fmt::Debug + Send + Sync {
 #[async_trait]
 pub trait SinkConfig: std::fmt::Debug + Send + Sync {
     async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Sink>, BoxError>;
+    /// Whether the sink may send records to its `dead_letter` output (refuse them for good).
+    /// Default true; sinks that only deliver or fail (console, file…) say false, so that
+    /// `validate` does not ask for a dead-letter consumer they never feed.
+    fn can_reject(&self) -> bool {
+        true
+    }
 }
 
 /// A component's configuration after parsing, before building.
@@ -74,6 +86,23 @@ impl ParsedConfig {
             ParsedConfig::Source(c) => c.outputs(),
             ParsedConfig::Transform(c) => c.outputs(),
             ParsedConfig::Sink(_) => Vec::new(),
+        }
+    }
+
+    /// See [`SourceConfig::acknowledges`]; false for transforms and sinks.
+    pub fn acknowledges(&self) -> bool {
+        match self {
+            ParsedConfig::Source(c) => c.acknowledges(),
+            _ => false,
+        }
+    }
+
+    /// Whether the component may dead-letter records: sources (undecodable messages) and
+    /// transforms always may, sinks per [`SinkConfig::can_reject`].
+    pub fn can_reject(&self) -> bool {
+        match self {
+            ParsedConfig::Sink(c) => c.can_reject(),
+            _ => true,
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! [`plan`] checks everything that can be checked before anything starts: unknown types (with
 //! a "did you mean"), unknown or mistyped options (file, line and key), unknown inputs and
-//! outputs, duplicate names and cycles. [`Plan::start`] builds the components, wires every edge
+//! outputs, duplicate names and cycles; [`Plan::warnings`] names what is valid but probably
+//! not meant (records acknowledged and dropped). [`Plan::start`] builds the components, wires every edge
 //! as a bounded channel and spawns one task per component; [`Running::wait`] supervises them:
 //!
 //! * when every source has finished (finite sources: file at EOF, simulator after `count`), the
@@ -294,6 +295,56 @@ impl Plan {
             }
         }
         s
+    }
+
+    /// What is valid but probably not meant: a component that can reject records (send them
+    /// to `dead_letter`), fed by a source that acknowledges, whose `dead_letter` output nobody
+    /// consumes. Its rejected records are logged, dropped and acknowledged (the source will
+    /// not redeliver them); that must be a visible choice, so each gets a warning with the fix.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let n = self.nodes.len();
+        let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut dead_letter_read = vec![false; n];
+        for (j, node) in self.nodes.iter().enumerate() {
+            for (p, output) in &node.inputs {
+                consumers[*p].push(j);
+                dead_letter_read[*p] |= output == DEAD_LETTER;
+            }
+        }
+        // For each component, the first acknowledging source whose records reach it.
+        let mut fed_by: Vec<Option<usize>> = vec![None; n];
+        for (s, node) in self.nodes.iter().enumerate() {
+            if !node.parsed.acknowledges() || fed_by[s].is_some() {
+                continue;
+            }
+            let mut stack = vec![s];
+            while let Some(i) = stack.pop() {
+                if fed_by[i].is_none() {
+                    fed_by[i] = Some(s);
+                    stack.extend(&consumers[i]);
+                }
+            }
+        }
+        let mut warnings = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let Some(source) = fed_by[i] else { continue };
+            // A component that reads only dead letters gets records already marked
+            // rejected: what it rejects in turn changes no acknowledgement.
+            let only_dead_letters = !node.inputs.is_empty()
+                && node.inputs.iter().all(|(_, output)| output == DEAD_LETTER);
+            if dead_letter_read[i] || only_dead_letters || !node.parsed.can_reject() {
+                continue;
+            }
+            let name = &node.decl.name;
+            warnings.push(node.decl.error(
+                None,
+                format!(
+                    "records it rejects are dropped, and source `{}` acknowledges them (nothing reads `{name}.dead_letter`); to keep them, add a sink with inputs = [\"{name}.dead_letter\"]",
+                    self.nodes[source].decl.name
+                ),
+            ));
+        }
+        warnings
     }
 
     /// Component names with their kind, in declaration order.

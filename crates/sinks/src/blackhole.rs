@@ -23,6 +23,11 @@ fn default_true() -> bool {
 
 #[async_trait]
 impl SinkConfig for BlackholeConfig {
+    /// Writes or fails; never dead-letters a record.
+    fn can_reject(&self) -> bool {
+        false
+    }
+
     async fn build(&self, _cx: &BuildContext) -> Result<Box<dyn Sink>, BoxError> {
         Ok(Box::new(Blackhole {
             print_summary: self.print_summary,

@@ -37,6 +37,11 @@ pub struct ConsoleConfig {
 
 #[async_trait]
 impl SinkConfig for ConsoleConfig {
+    /// Writes or fails; never dead-letters a record.
+    fn can_reject(&self) -> bool {
+        false
+    }
+
     async fn build(&self, _cx: &BuildContext) -> Result<Box<dyn Sink>, BoxError> {
         Ok(Box::new(Console {
             config: self.clone(),

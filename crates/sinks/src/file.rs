@@ -39,6 +39,11 @@ fn default_true() -> bool {
 
 #[async_trait]
 impl SinkConfig for FileSinkConfig {
+    /// Writes or fails; never dead-letters a record.
+    fn can_reject(&self) -> bool {
+        false
+    }
+
     async fn build(&self, _cx: &BuildContext) -> Result<Box<dyn Sink>, BoxError> {
         if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent)

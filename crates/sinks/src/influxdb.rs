@@ -20,6 +20,10 @@
 //! reported `Errored` so the source redelivers it. 400/422 name the offending lines: those go to
 //! `dead_letter` with the server's message and the rest is delivered (resent when the server
 //! wrote nothing). 401/403 stop the pipeline: a wrong token is not something to retry.
+//! 404 (bucket not found) and 405 (typically a proxy or a wrong `url` path) say nothing about
+//! the records: they are retried like a 503 (someone may create the bucket or fix the route),
+//! and when the retries run out the records are `Errored` and the sink stops with an error
+//! naming the bucket. Dead-lettering them would acknowledge records no server has.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -369,7 +373,7 @@ enum Outcome {
     },
     /// 413: the request is too large.
     TooLarge(String),
-    /// Another 4xx (e.g. 404 bucket not found): the whole request is refused.
+    /// Another 4xx (not 404/405, which are operational): the whole request is refused.
     RefusedAll(String),
 }
 
@@ -435,8 +439,21 @@ impl Writer {
         )
     }
 
+    /// The error of a write refused because the target is missing (404) or the route is wrong
+    /// (405), once the retries are spent.
+    fn not_found_error(&self, status: StatusCode, bucket: &str, body: &str) -> String {
+        format!(
+            "sink `{}`: InfluxDB at {} answered {status} for bucket {bucket:?} (org {:?}): {}; check that the bucket exists in that org and that `url` reaches the InfluxDB write API (a proxy answering 404/405 is routing `/api/v2/write` elsewhere)",
+            self.name,
+            self.write_url,
+            self.config.org,
+            body.trim()
+        )
+    }
+
     /// Delivers `req`, splitting it when the server refuses part of it. Records end
-    /// `Delivered`, dead-lettered (`Rejected`) or `Errored`; `Err` only for 401/403.
+    /// `Delivered`, dead-lettered (`Rejected`) or `Errored`; `Err` for 401/403, and for
+    /// 404/405 once retried `retry.max_retries` times.
     async fn deliver(&self, req: Request, cx: &SinkContext) -> Result<(), BoxError> {
         let mut work = vec![req];
         while let Some(mut req) = work.pop() {
@@ -545,7 +562,9 @@ impl Writer {
             if self.config.gzip {
                 http = http.header(reqwest::header::CONTENT_ENCODING, "gzip");
             }
-            let (error, hint) = match http.send().await {
+            // `stop`: when the retries run out, stop the sink (the fault is in the setup,
+            // not in these records, and would refuse every later request too).
+            let (error, hint, stop) = match http.send().await {
                 Ok(resp) => {
                     let status = resp.status();
                     if status.is_success() {
@@ -568,7 +587,10 @@ impl Writer {
                                 text.trim()
                             ))
                         }
-                        408 | 429 | 500..=599 => (format!("{status}: {}", text.trim()), hint),
+                        404 | 405 => (self.not_found_error(status, &req.bucket, &text), hint, true),
+                        408 | 429 | 500..=599 => {
+                            (format!("{status}: {}", text.trim()), hint, false)
+                        }
                         _ => {
                             return Outcome::RefusedAll(format!(
                                 "influxdb: bucket {:?}: {status}: {}",
@@ -578,7 +600,11 @@ impl Writer {
                         }
                     }
                 }
-                Err(e) => (format!("request to {} failed: {e}", self.write_url), None),
+                Err(e) => (
+                    format!("request to {} failed: {e}", self.write_url),
+                    None,
+                    false,
+                ),
             };
             match backoff.next_delay(hint) {
                 Some(delay) => {
@@ -586,10 +612,12 @@ impl Writer {
                     tokio::time::sleep(delay).await;
                 }
                 None => {
-                    return Outcome::GaveUp(format!(
-                        "{error} (after {} retries)",
-                        backoff.retries()
-                    ))
+                    let error = format!("{error} (after {} retries)", backoff.retries());
+                    return if stop {
+                        Outcome::Fatal(error)
+                    } else {
+                        Outcome::GaveUp(error)
+                    };
                 }
             }
         }

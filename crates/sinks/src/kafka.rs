@@ -14,12 +14,15 @@
 //! ```
 //!
 //! A record is acknowledged upstream only when the producer's delivery report says the broker
-//! stored it (with `acks = "all"`: every in-sync replica). Errors that no retry can fix —
-//! message too large, unknown or invalid topic, authorization, a topic or key template the
-//! record cannot fill — send the record to the sink's `dead_letter` output. Anything else
-//! (broker down, timeouts, leader changes) is retried: librdkafka retries internally until
-//! `message_timeout`, then the sink re-sends with backoff (`retry`), and after the last retry
-//! the batch is reported `Errored` so the source redelivers it.
+//! stored it (with `acks = "all"`: every in-sync replica). Errors that no retry of *that
+//! record* can fix — message too large or invalid, an invalid topic name, a topic or key
+//! template the record cannot fill — send the record to the sink's `dead_letter` output.
+//! Anything else (broker down, timeouts, leader changes) is retried: librdkafka retries
+//! internally until `message_timeout`, then the sink re-sends with backoff (`retry`), and after
+//! the last retry the batch is reported `Errored` so the source redelivers it. A missing topic
+//! or a refused authorization is a fault of the setup, not of the record: it is retried the
+//! same way (someone may create the topic or grant the ACL), and after the last retry the
+//! records are `Errored` and the sink stops with an error naming the topic.
 //!
 //! Idempotence (`enable.idempotence`, on by default) keeps librdkafka's internal retries from
 //! writing duplicates or reordering a partition; re-sends by the sink after a timeout can still
@@ -288,26 +291,40 @@ struct KafkaSink {
     batch: BatchConfig,
 }
 
-/// Whether a failed delivery can never succeed (the record is dead-lettered) rather than
-/// being worth another try.
-pub fn is_fatal(e: &KafkaError) -> bool {
+/// What a failed delivery says, and so what becomes of the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// This record can never be written (too large, invalid): it is dead-lettered.
+    Record,
+    /// The setup is wrong (topic missing, not authorized): retried, since an operator can fix
+    /// it; after the last retry the records are `Errored` and the sink stops. Dead-lettering
+    /// would acknowledge every record while the topic is missing.
+    Setup,
+    /// Anything else (broker down, timeouts): retried, then `Errored`.
+    Transient,
+}
+
+/// Classifies a failed delivery.
+pub fn classify(e: &KafkaError) -> Failure {
     let code = match e {
         KafkaError::MessageProduction(code) => *code,
-        _ => return false,
+        _ => return Failure::Transient,
     };
-    matches!(
-        code,
+    match code {
         RDKafkaErrorCode::MessageSizeTooLarge
-            | RDKafkaErrorCode::InvalidMessageSize
-            | RDKafkaErrorCode::MessageBatchTooLarge
-            | RDKafkaErrorCode::UnknownTopic
-            | RDKafkaErrorCode::UnknownTopicOrPartition
-            | RDKafkaErrorCode::UnknownPartition
-            | RDKafkaErrorCode::InvalidTopic
-            | RDKafkaErrorCode::TopicAuthorizationFailed
-            | RDKafkaErrorCode::InvalidRecord
-            | RDKafkaErrorCode::InvalidMessage
-    )
+        | RDKafkaErrorCode::InvalidMessageSize
+        | RDKafkaErrorCode::MessageBatchTooLarge
+        // An invalid name comes from the record when `topic` is a template.
+        | RDKafkaErrorCode::InvalidTopic
+        | RDKafkaErrorCode::InvalidRecord
+        | RDKafkaErrorCode::InvalidMessage => Failure::Record,
+        RDKafkaErrorCode::UnknownTopic
+        | RDKafkaErrorCode::UnknownTopicOrPartition
+        | RDKafkaErrorCode::UnknownPartition
+        | RDKafkaErrorCode::TopicAuthorizationFailed
+        | RDKafkaErrorCode::ClusterAuthorizationFailed => Failure::Setup,
+        _ => Failure::Transient,
+    }
 }
 
 /// One record ready to produce.
@@ -320,8 +337,8 @@ struct Prepared {
 /// What became of the messages of one send round.
 enum Outcome {
     Delivered,
-    Fatal(String),
-    Transient(String),
+    /// See [`Failure`].
+    Failed(Failure, String),
 }
 
 impl Shared {
@@ -384,22 +401,16 @@ impl Shared {
                 }
             }
         }
-        let classify = |e: KafkaError| {
-            if is_fatal(&e) {
-                Outcome::Fatal(e.to_string())
-            } else {
-                Outcome::Transient(e.to_string())
-            }
-        };
+        let failed = |e: KafkaError| Outcome::Failed(classify(&e), e.to_string());
         join_all(futures.into_iter().map(|f| async move {
             match f {
                 Ok(f) => match f.await {
                     Ok(Ok(_)) => Outcome::Delivered,
-                    Ok(Err((e, _))) => classify(e),
-                    Err(_) => Outcome::Transient("producer shut down".into()),
+                    Ok(Err((e, _))) => failed(e),
+                    Err(_) => Outcome::Failed(Failure::Transient, "producer shut down".into()),
                 },
                 // Refused before queueing (e.g. larger than message.max.bytes).
-                Err(e) => classify(e),
+                Err(e) => failed(e),
             }
         }))
         .await
@@ -407,8 +418,9 @@ impl Shared {
 }
 
 /// Writes one batch: dead-letters what cannot be written, retries transient failures, and
-/// reports the rest delivered (or errored after the last retry).
-async fn write(shared: Arc<Shared>, batch: Batch, cx: Arc<SinkContext>) {
+/// reports the rest delivered (or errored after the last retry). `Err` (the sink must stop)
+/// when the last retry still failed for a [`Failure::Setup`] reason.
+async fn write(shared: Arc<Shared>, batch: Batch, cx: Arc<SinkContext>) -> Result<(), String> {
     let started = Instant::now();
     let metrics: &ComponentMetrics = &cx.metrics;
     let mut pending: Vec<(Record, Prepared, Option<OwnedHeaders>)> =
@@ -426,6 +438,7 @@ async fn write(shared: Arc<Shared>, batch: Batch, cx: Arc<SinkContext>) {
     let mut delivered: Vec<Record> = Vec::with_capacity(pending.len());
     let mut backoff = Backoff::new(shared.retry);
     let mut errored: Vec<Record> = Vec::new();
+    let mut stop: Option<String> = None;
     while !pending.is_empty() {
         let items: Vec<(Prepared, Option<OwnedHeaders>)> = pending
             .iter_mut()
@@ -443,14 +456,18 @@ async fn write(shared: Arc<Shared>, batch: Batch, cx: Arc<SinkContext>) {
         let outcomes = shared.send_all(&items).await;
         let mut retry = Vec::new();
         let mut last_error = String::new();
+        let mut setup_error: Option<(String, String)> = None;
         for (((r, _, _), (p, h)), outcome) in pending.into_iter().zip(items).zip(outcomes) {
             match outcome {
                 Outcome::Delivered => {
                     metrics.add_bytes(p.payload.len());
                     delivered.push(r);
                 }
-                Outcome::Fatal(e) => rejected.push((r, format!("kafka: {e}"))),
-                Outcome::Transient(e) => {
+                Outcome::Failed(Failure::Record, e) => rejected.push((r, format!("kafka: {e}"))),
+                Outcome::Failed(failure, e) => {
+                    if failure == Failure::Setup {
+                        setup_error = Some((p.topic.clone(), e.clone()));
+                    }
                     last_error = e;
                     retry.push((r, p, h));
                 }
@@ -467,6 +484,13 @@ async fn write(shared: Arc<Shared>, batch: Batch, cx: Arc<SinkContext>) {
             }
             None => {
                 tracing::error!(sink = %cx.name, error = %last_error, records = pending.len(), "kafka delivery failed after the last retry; records will be redelivered");
+                stop = setup_error.map(|(topic, e)| {
+                    format!(
+                        "sink `{}`: kafka refused topic {topic:?} after {} retries: {e}; create the topic (or enable auto-creation) and check the client's ACLs (Write, Describe) on it",
+                        cx.name,
+                        backoff.retries()
+                    )
+                });
                 errored = pending.into_iter().map(|(r, _, _)| r).collect();
                 break;
             }
@@ -485,6 +509,7 @@ async fn write(shared: Arc<Shared>, batch: Batch, cx: Arc<SinkContext>) {
         cx.reject(vec![r], &reason).await;
     }
     metrics.observe_latency(started.elapsed());
+    stop.map_or(Ok(()), Err)
 }
 
 #[async_trait]
@@ -502,15 +527,16 @@ impl Sink for KafkaSink {
             let shared = self.shared.clone();
             let cx = cx.clone();
             tasks.spawn(async move {
-                write(shared, batch, cx).await;
+                let written = write(shared, batch, cx).await;
                 drop(permit);
+                written
             });
             while let Some(done) = tasks.try_join_next() {
-                done.map_err(|e| format!("kafka sink write task failed: {e}"))?;
+                done.map_err(|e| format!("kafka sink write task failed: {e}"))??;
             }
         }
         while let Some(done) = tasks.join_next().await {
-            done.map_err(|e| format!("kafka sink write task failed: {e}"))?;
+            done.map_err(|e| format!("kafka sink write task failed: {e}"))??;
         }
         let producer = self.shared.producer.clone();
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
@@ -577,19 +603,41 @@ linger = "20ms"
         assert!(err.to_string().contains("compresion"), "{err}");
     }
 
+    fn class(code: RDKafkaErrorCode) -> Failure {
+        classify(&KafkaError::MessageProduction(code))
+    }
+
     #[test]
-    fn fatal_errors_are_the_unfixable_ones() {
-        assert!(is_fatal(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::MessageSizeTooLarge
-        )));
-        assert!(is_fatal(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::UnknownTopicOrPartition
-        )));
-        assert!(!is_fatal(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::MessageTimedOut
-        )));
-        assert!(!is_fatal(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::BrokerTransportFailure
-        )));
+    fn missing_topic_and_authorization_are_not_dead_lettered() {
+        for code in [
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::UnknownTopic,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            assert_eq!(
+                class(code),
+                Failure::Setup,
+                "{code:?} is fixed by an operator, not by dropping the record"
+            );
+        }
+    }
+
+    #[test]
+    fn only_record_faults_are_dead_lettered() {
+        assert_eq!(
+            class(RDKafkaErrorCode::MessageSizeTooLarge),
+            Failure::Record
+        );
+        assert_eq!(class(RDKafkaErrorCode::InvalidTopic), Failure::Record);
+        assert_eq!(class(RDKafkaErrorCode::MessageTimedOut), Failure::Transient);
+        assert_eq!(
+            class(RDKafkaErrorCode::BrokerTransportFailure),
+            Failure::Transient
+        );
+        assert_eq!(
+            classify(&KafkaError::Canceled),
+            Failure::Transient,
+            "not a produce error"
+        );
     }
 }

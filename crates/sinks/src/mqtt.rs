@@ -13,11 +13,16 @@
 //! `{name}` in `topic` is replaced by the record's tag `name` (or, failing that, its field).
 //! A record is acknowledged when the broker confirms it: PUBACK at QoS 1, PUBCOMP at QoS 2,
 //! and once written to the socket at QoS 0. Records whose topic or payload cannot be built go
-//! to the sink's `dead_letter` output.
+//! to the sink's `dead_letter` output (Rejected), and so do records whose topic a broker would
+//! refuse: empty, longer than 65,535 bytes, holding a control character (U+0000–U+001F,
+//! U+007F–U+009F) or a wildcard (`+`, `#`), and records whose PUBLISH would exceed
+//! `max_packet_size`.
 //!
 //! The sink uses a clean session and keeps every unconfirmed publish itself: after a
 //! reconnect it publishes them again on the new connection (at-least-once; a message the
-//! broker had already received before the connection dropped arrives twice).
+//! broker had already received before the connection dropped arrives twice). Publishes wait
+//! in the sink until the broker's in-flight window (the smaller of `max_inflight` and, for v5,
+//! the broker's Receive Maximum: 20 on a default mosquitto) has room for them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -44,6 +49,60 @@ pub use sluice_mqtt::{Protocol, TlsConfig};
 
 /// Characters a topic name built from a template may not contain.
 const TOPIC_FORBIDDEN: &[char] = &['+', '#', '\0'];
+
+/// Size of the PUBLISH packet for `topic` and `payload_len` payload bytes, as rumqttc
+/// computes it before refusing a packet over `max_packet_size` (by dropping the connection,
+/// which would make the sink re-send it forever): fixed header, topic, packet id (QoS > 0),
+/// and for v5 the (empty) properties' length byte.
+fn publish_size(protocol: Protocol, qos: QoS, topic: &str, payload_len: usize) -> usize {
+    let mut len = 2 + topic.len() + payload_len;
+    if qos != QoS::AtMostOnce {
+        len += 2;
+    }
+    if protocol == Protocol::V5 {
+        len += 1;
+    }
+    // The remaining length is a variable-length integer of 7 bits per byte.
+    let len_len = match len {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_len + len
+}
+
+/// Longest topic name MQTT can carry: a length-prefixed string with a 16-bit length.
+const TOPIC_MAX_BYTES: usize = 65_535;
+
+/// Why `topic` cannot be published, if it cannot. Checked before publishing because a broker
+/// answers such a PUBLISH by dropping the connection (mosquitto treats U+0000–U+001F and
+/// U+007F–U+009F as malformed UTF-8, MQTT 3.1.1 §1.5.3 / 5.0 §1.5.4), and the sink would then
+/// re-send it on every reconnect forever, blocking every record behind it.
+fn topic_error(topic: &str) -> Option<String> {
+    if topic.is_empty() {
+        return Some("the topic is empty".into());
+    }
+    if topic.len() > TOPIC_MAX_BYTES {
+        return Some(format!(
+            "the topic is {} bytes long, MQTT allows at most {TOPIC_MAX_BYTES}",
+            topic.len()
+        ));
+    }
+    // `char::is_control` is exactly Unicode's Cc category: U+0000–U+001F and U+007F–U+009F.
+    if let Some(c) = topic.chars().find(|c| c.is_control()) {
+        return Some(format!(
+            "topic {topic:?} contains the control character U+{:04X}, which brokers refuse",
+            c as u32
+        ));
+    }
+    if let Some(c) = topic.chars().find(|c| matches!(c, '+' | '#')) {
+        return Some(format!(
+            "topic {topic:?} contains the wildcard `{c}`, which a published topic may not"
+        ));
+    }
+    None
+}
 
 /// Publishes records to an MQTT broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -109,10 +168,20 @@ impl SinkConfig for MqttSinkConfig {
         let connector = Connector::new(&self.connection, &cx.pipeline_id, &cx.name)?;
         let qos = sluice_mqtt::qos(self.qos)?;
         let topic = Template::new("topic", &self.topic, TOPIC_FORBIDDEN)?;
+        if let Some(c) = self.topic.chars().find(|c| c.is_control()) {
+            return Err(format!(
+                "`topic` = {:?} contains the control character U+{:04X}, which brokers refuse",
+                self.topic, c as u32
+            )
+            .into());
+        }
         if self.max_inflight == 0 {
             return Err("`max_inflight` must be at least 1".into());
         }
         Ok(Box::new(MqttSink {
+            protocol: self.connection.protocol,
+            max_packet_size: usize::try_from(self.connection.max_packet_size.0)
+                .unwrap_or(usize::MAX),
             connector,
             topic,
             qos,
@@ -125,6 +194,9 @@ impl SinkConfig for MqttSinkConfig {
 }
 
 struct MqttSink {
+    protocol: Protocol,
+    /// `max_packet_size`: bigger publishes are dead-lettered.
+    max_packet_size: usize,
     connector: Connector,
     topic: Template,
     qos: QoS,
@@ -185,9 +257,18 @@ impl Sink for MqttSink {
         let mut client: Option<sluice_mqtt::Client> = None;
         let mut next_seq = 0u64;
         let mut unconfirmed: BTreeMap<u64, Unconfirmed> = BTreeMap::new();
-        // Publishes queued on the current connection, in order, until rumqttc assigns their ids.
+        // Publishes not yet handed to the current connection's client, oldest first. The
+        // client's request channel is drained by rumqttc only while the broker's in-flight
+        // window has room (for v5 the broker's Receive Maximum, 20 on a default mosquitto),
+        // so handing it everything at once fails for what does not fit; those wait here and
+        // go out as confirmations free room.
+        let mut to_send: VecDeque<u64> = VecDeque::new();
+        // Publishes handed to the current connection, in order, until rumqttc assigns their ids.
         let mut queued: VecDeque<u64> = VecDeque::new();
         let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+        // A hand-over failed although there was room (the event loop is going away): retry
+        // after a pause, in case no signal arrives to trigger it.
+        let mut retry_later = false;
         let mut input_open = true;
         let max = self.max_inflight as usize;
         let result: Result<(), BoxError> = loop {
@@ -201,11 +282,7 @@ impl Sink for MqttSink {
                         // Everything unconfirmed goes out again on the new connection.
                         queued.clear();
                         by_pkid.clear();
-                        for (seq, u) in &unconfirmed {
-                            if c.try_publish(u.topic.clone(), self.qos, self.retain, u.payload.clone()).is_ok() {
-                                queued.push_back(*seq);
-                            }
-                        }
+                        to_send = unconfirmed.keys().copied().collect();
                         client = Some(c);
                     }
                     Some(Signal::Sent(pkid)) => {
@@ -233,21 +310,36 @@ impl Sink for MqttSink {
                 batch = batches.recv(), if can_take => match batch {
                     None => input_open = false,
                     Some(mut batch) => {
-                        let Some(c) = client.as_ref() else { continue };
                         let mut rejected: Vec<(Record, String)> = Vec::new();
                         for mut r in batch.records.drain(..) {
-                            let built = self.topic.render(&r).and_then(|t| payload(self.format, &r).map(|p| (t, p)));
+                            let built = self
+                                .topic
+                                .render(&r)
+                                .and_then(|t| match topic_error(&t) {
+                                    Some(e) => Err(e),
+                                    None => Ok(t),
+                                })
+                                .and_then(|t| payload(self.format, &r).map(|p| (t, p)));
                             match built {
                                 Err(e) => rejected.push((r, e)),
+                                Ok((topic, payload))
+                                    if publish_size(self.protocol, self.qos, &topic, payload.len())
+                                        > self.max_packet_size =>
+                                {
+                                    let size = publish_size(self.protocol, self.qos, &topic, payload.len());
+                                    rejected.push((
+                                        r,
+                                        format!(
+                                            "the PUBLISH to {topic:?} would be {size} bytes, over `max_packet_size` ({} bytes)",
+                                            self.max_packet_size
+                                        ),
+                                    ));
+                                }
                                 Ok((topic, payload)) => {
                                     cx.metrics.add_bytes(payload.len());
                                     let seq = next_seq;
                                     next_seq += 1;
-                                    if c.try_publish(topic.clone(), self.qos, self.retain, payload.clone()).is_ok() {
-                                        queued.push_back(seq);
-                                    }
-                                    // (If the connection just went away, the publish is sent
-                                    // again after the reconnect.)
+                                    to_send.push_back(seq);
                                     unconfirmed.insert(seq, Unconfirmed {
                                         topic,
                                         payload,
@@ -261,6 +353,29 @@ impl Sink for MqttSink {
                         }
                     }
                 },
+                _ = tokio::time::sleep(Duration::from_millis(50)), if retry_later => {}
+            }
+            // Hand over what fits: at most `max_inflight` publishes are in the client's
+            // channel or in flight at once, which the channel (max_inflight + 16) always holds.
+            retry_later = false;
+            if let Some(c) = &client {
+                while queued.len() + by_pkid.len() < max {
+                    let Some(&seq) = to_send.front() else { break };
+                    let Some(u) = unconfirmed.get(&seq) else {
+                        to_send.pop_front();
+                        continue;
+                    };
+                    if c.try_publish(u.topic.clone(), self.qos, self.retain, u.payload.clone())
+                        .is_err()
+                    {
+                        // (If the connection just went away, everything unconfirmed is sent
+                        // again after the reconnect.)
+                        retry_later = true;
+                        break;
+                    }
+                    to_send.pop_front();
+                    queued.push_back(seq);
+                }
             }
             cx.metrics
                 .gauge("inflight")
@@ -392,6 +507,62 @@ mod tests {
         let mut bad = record();
         bad.set_tag("device_id", "a+b");
         assert!(t.render(&bad).is_err());
+    }
+
+    #[tokio::test]
+    async fn topics_brokers_refuse_are_caught_before_publishing() {
+        assert_eq!(topic_error("alerts/dev-7"), None);
+        assert_eq!(topic_error("alerts/gerät/温度"), None);
+        for bad in [
+            "alerts/dev\n1",
+            "alerts/\0",
+            "alerts/\u{1f}",
+            "alerts/\u{7f}",
+            "alerts/\u{85}",
+            "alerts/\u{9f}",
+        ] {
+            let e = topic_error(bad).expect("refused");
+            assert!(e.contains("control character"), "{bad:?}: {e}");
+        }
+        assert!(topic_error("a/+/b").is_some());
+        assert!(topic_error("a/#").is_some());
+        assert!(topic_error("").is_some());
+        assert!(topic_error(&"a".repeat(TOPIC_MAX_BYTES)).is_none());
+        let long = topic_error(&"a".repeat(TOPIC_MAX_BYTES + 1)).expect("too long");
+        assert!(long.contains("65535"), "{long}");
+        let c = MqttSinkConfig::new("mqtt://127.0.0.1:1", "alerts/\t{device_id}");
+        let cx = BuildContext {
+            name: "alerts".into(),
+            pipeline_id: "p".into(),
+        };
+        let err = c.build(&cx).await.err().expect("refused");
+        assert!(err.to_string().contains("U+0009"), "{err}");
+    }
+
+    /// The size the sink checks is the size rumqttc refuses (a larger estimate would reject
+    /// publishes that fit; a smaller one would let the connection-dropping ones through).
+    #[test]
+    fn publish_size_matches_rumqttc() {
+        use rumqttc::v5::mqttbytes::v5::Publish as Publish5;
+        use rumqttc::v5::mqttbytes::QoS as QoS5;
+        for topic in ["a", "alerts/dev-7/temp"] {
+            for n in [0usize, 100, 127, 200, 16_400, 2_100_000] {
+                for (qos, qos5) in [
+                    (QoS::AtMostOnce, QoS5::AtMostOnce),
+                    (QoS::AtLeastOnce, QoS5::AtLeastOnce),
+                    (QoS::ExactlyOnce, QoS5::ExactlyOnce),
+                ] {
+                    let mut p4 = rumqttc::Publish::new(topic, qos, vec![0u8; n]);
+                    let mut p5 = Publish5::new(topic, qos5, vec![0u8; n], None);
+                    if qos != QoS::AtMostOnce {
+                        p4.pkid = 1;
+                        p5.pkid = 1;
+                    }
+                    assert_eq!(publish_size(Protocol::V311, qos, topic, n), p4.size());
+                    assert_eq!(publish_size(Protocol::V5, qos, topic, n), p5.size());
+                }
+            }
+        }
     }
 
     #[test]

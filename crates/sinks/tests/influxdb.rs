@@ -515,6 +515,75 @@ async fn unauthorized_fails_loudly_at_start_and_on_write() {
     );
 }
 
+/// 404 (bucket not found) and a proxy's 404/405 are operational faults, not bad records: they
+/// are retried, and when the retries run out the sink stops with an error saying what to fix.
+/// Nothing goes to `dead_letter` (a dead letter nobody reads would acknowledge lost data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bucket_not_found_404_and_proxy_405_are_retried_then_stop_the_sink() {
+    // The bucket appears after two refused writes: retried, delivered, nothing dead-lettered.
+    let accepted = Accepted::default();
+    let writes = Arc::new(AtomicUsize::new(0));
+    let (acc, w) = (accepted.clone(), writes.clone());
+    let server = start(move |req| {
+        if let Some(r) = health(req) {
+            return r;
+        }
+        match w.fetch_add(1, Ordering::SeqCst) {
+            0 | 1 => Reply::new(
+                404,
+                r#"{"code":"not found","message":"bucket \"telemetry\" not found"}"#,
+            ),
+            _ => {
+                acc.add(body_lines(req));
+                Reply::new(204, "")
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = pipeline(
+        &server.url(),
+        dir.path(),
+        "count = 20",
+        "in_flight = 1\nbatch = { max_records = 100 }",
+    );
+    run_pipeline(&toml).await.expect("pipeline runs");
+    assert!(read_json_lines(&dir.path().join("dead.jsonl")).is_empty());
+    assert_eq!(accepted.lines().len(), 20, "written once the bucket exists");
+
+    // The bucket never appears, or a proxy answers 405: retries, then the sink stops.
+    for (status, body, expected) in [
+        (
+            404,
+            r#"{"code":"not found","message":"bucket \"telemetry\" not found"}"#,
+            "not found",
+        ),
+        (405, "<html>405 Not Allowed</html>", "405"),
+    ] {
+        let server =
+            start(move |req| health(req).unwrap_or_else(|| Reply::new(status, body))).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let toml = pipeline(&server.url(), dir.path(), "count = 10", "");
+        let err = run_pipeline(&toml)
+            .await
+            .expect_err("a missing bucket stops the pipeline after the retries");
+        assert!(
+            err.contains(&status.to_string()) && err.contains(expected) && err.contains("bucket"),
+            "{err}"
+        );
+        let writes = server
+            .requests()
+            .iter()
+            .filter(|r| r.target.starts_with("/api/v2/write"))
+            .count();
+        assert_eq!(writes, 1 + 6, "the first try and max_retries = 6 retries");
+        assert!(
+            read_json_lines(&dir.path().join("dead.jsonl")).is_empty(),
+            "{status}: nothing dead-lettered"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_down_at_start_names_the_url() {
     // A port nobody listens on (bound, then released).

@@ -47,7 +47,11 @@ async fn start(config: &MqttSinkConfig) -> Running {
     let sink = config
         .build(&BuildContext {
             name: "alerts".into(),
-            pipeline_id: "mqtt-sink-tests".into(),
+            // A pipeline id of its own per sink: the default client id derives from it, and
+            // tests running in parallel on the shared broker with one client id take each
+            // other's connection over (mosquitto drops the older one: QoS 0 publishes lost,
+            // QoS 1 ones duplicated).
+            pipeline_id: testing::unique("mqtt-sink-tests"),
         })
         .await
         .expect("sink builds");
@@ -283,4 +287,211 @@ fn rumqttc_opts(host: &str, port: u16) -> rumqttc::MqttOptions {
     let mut o = rumqttc::MqttOptions::new(testing::unique("persistent-sub"), host, port);
     o.set_keep_alive(Duration::from_secs(5));
     o
+}
+
+/// mosquitto at its default `max_inflight_messages 20` (the helper's config sets 0 = no limit;
+/// mosquitto takes the last value of a repeated option), which a v5 client receives as the
+/// broker's Receive Maximum. Queues stay unlimited so that the collector loses nothing.
+const DEFAULT_INFLIGHT: &str = "max_inflight_messages 20";
+
+/// Against a broker that allows only 20 publishes in flight, far fewer than the sink's
+/// `max_inflight` (1000), publishes that do not fit the client's request queue at once must
+/// wait in the sink and go out as confirmations free room — not sit stranded until a
+/// reconnect that never comes. 2,000 records: each batch resolves Delivered in bounded time
+/// and a subscriber receives all of them.
+async fn drains_through_small_receive_maximum(protocol: Protocol) {
+    let broker = Mosquitto::start(DEFAULT_INFLIGHT);
+    let url = broker.url();
+    let prefix = testing::unique("sink-rm20");
+    let mut c = MqttSinkConfig::new(&url, &format!("{prefix}/alerts/{{device_id}}"));
+    c.connection.protocol = protocol;
+    let total = 2_000i64;
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let filter = format!("{prefix}/alerts/+");
+    let collect_url = url.clone();
+    let collector = tokio::spawn(async move {
+        testing::collect(
+            &collect_url,
+            &filter,
+            total as usize,
+            Duration::from_secs(60),
+            ready_tx,
+        )
+        .await
+    });
+    ready.await.expect("collector subscribed");
+    let sink = start(&c).await;
+    let mut statuses = Vec::new();
+    for chunk in 0..20 {
+        let (batch, status) = alerts(chunk * 100..(chunk + 1) * 100);
+        sink.out.send(batch).await.expect("send");
+        statuses.push(status);
+    }
+    for (i, s) in statuses.into_iter().enumerate() {
+        let status = tokio::time::timeout(Duration::from_secs(30), s)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "batch {i} not confirmed within 30 s ({} of {total} records out, inflight gauge {})",
+                    sink.metrics.records_out.load(Ordering::Relaxed),
+                    sink.metrics.gauge("inflight").load(Ordering::Relaxed)
+                )
+            });
+        assert_eq!(status, BatchStatus::Delivered, "batch {i}");
+    }
+    assert_eq!(
+        sink.metrics.counter("reconnects").load(Ordering::Relaxed),
+        0,
+        "the sink drained without reconnecting"
+    );
+    drop(sink.out);
+    tokio::time::timeout(Duration::from_secs(10), sink.task)
+        .await
+        .expect("sink stops")
+        .expect("task")
+        .expect("sink ok");
+    let got = collector.await.expect("collector");
+    let seqs: BTreeSet<i64> = got
+        .iter()
+        .map(|(_, p, _)| {
+            let v: serde_json::Value = serde_json::from_slice(p).expect("JSON payload");
+            v["seq"].as_i64().expect("seq")
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        (0..total).collect(),
+        "every record reached the subscriber"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drains_through_default_mosquitto_v5() {
+    drains_through_small_receive_maximum(Protocol::V5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drains_through_default_mosquitto_v311() {
+    drains_through_small_receive_maximum(Protocol::V311).await;
+}
+
+/// A tag holding a control character makes a topic the broker refuses (mosquitto drops the
+/// connection). The record is dead-lettered with the reason before it is published; the
+/// records around it arrive and the sink never reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_character_in_topic_is_dead_lettered() {
+    testing::require_broker();
+    let prefix = testing::unique("sink-ctl");
+    let c = MqttSinkConfig::new(BROKER, &format!("{prefix}/echo/{{device_id}}"));
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let filter = format!("{prefix}/echo/+");
+    let collector = tokio::spawn(async move {
+        testing::collect(BROKER, &filter, 20, Duration::from_secs(10), ready_tx).await
+    });
+    ready.await.expect("collector subscribed");
+    let mut sink = start(&c).await;
+    let (first, first_status) = alerts(0..10);
+    let (mut bad, bad_status) = alerts(10..11);
+    bad.records[0].set_tag("device_id", "dev\n1");
+    let (last, last_status) = alerts(11..21);
+    for b in [first, bad, last] {
+        sink.out.send(b).await.expect("send");
+    }
+    let mut dead = tokio::time::timeout(Duration::from_secs(10), sink.dead.recv())
+        .await
+        .expect("dead-lettered in time")
+        .expect("dead letter");
+    assert_eq!(dead.len(), 1);
+    let error = dead.records[0].meta.error.clone().unwrap_or_default();
+    assert!(error.contains("control character"), "{error}");
+    dead.finalize(BatchStatus::Delivered);
+    for (name, status, want) in [
+        ("first", first_status, BatchStatus::Delivered),
+        ("bad", bad_status, BatchStatus::Rejected),
+        ("last", last_status, BatchStatus::Delivered),
+    ] {
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(10), status)
+                .await
+                .unwrap_or_else(|_| panic!("{name} batch resolved in time")),
+            want,
+            "{name} batch"
+        );
+    }
+    assert_eq!(sink.metrics.records_out.load(Ordering::Relaxed), 20);
+    assert_eq!(
+        sink.metrics.counter("reconnects").load(Ordering::Relaxed),
+        0,
+        "the bad topic never reached the broker"
+    );
+    let got = collector.await.expect("collector");
+    let seqs: BTreeSet<i64> = got
+        .iter()
+        .map(|(_, p, _)| {
+            let v: serde_json::Value = serde_json::from_slice(p).expect("JSON payload");
+            v["seq"].as_i64().expect("seq")
+        })
+        .collect();
+    assert_eq!(seqs, (0..10).chain(11..21).collect());
+    drop(sink.out);
+    tokio::time::timeout(Duration::from_secs(10), sink.task)
+        .await
+        .expect("sink stops")
+        .expect("task")
+        .expect("sink ok");
+}
+
+/// A record whose PUBLISH would exceed `max_packet_size` makes rumqttc drop the connection
+/// ("outgoing packet too large"), and the sink would re-send it on every reconnect. It is
+/// dead-lettered with the reason instead; the records around it arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_over_max_packet_size_is_dead_lettered() {
+    testing::require_broker();
+    for protocol in [Protocol::V5, Protocol::V311] {
+        let prefix = testing::unique("sink-big");
+        let mut c = MqttSinkConfig::new(BROKER, &format!("{prefix}/echo/{{device_id}}"));
+        c.connection.protocol = protocol;
+        c.connection.max_packet_size = "1KiB".parse().expect("size");
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let filter = format!("{prefix}/echo/+");
+        let collector = tokio::spawn(async move {
+            testing::collect(BROKER, &filter, 20, Duration::from_secs(10), ready_tx).await
+        });
+        ready.await.expect("collector subscribed");
+        let mut sink = start(&c).await;
+        let (first, first_status) = alerts(0..10);
+        let (mut big, big_status) = alerts(10..11);
+        big.records[0].set_field("note", Value::Str("x".repeat(2_000).into()));
+        let (last, last_status) = alerts(11..21);
+        for b in [first, big, last] {
+            sink.out.send(b).await.expect("send");
+        }
+        let mut dead = tokio::time::timeout(Duration::from_secs(10), sink.dead.recv())
+            .await
+            .expect("dead-lettered in time")
+            .expect("dead letter");
+        let error = dead.records[0].meta.error.clone().unwrap_or_default();
+        assert!(error.contains("max_packet_size"), "{error}");
+        dead.finalize(BatchStatus::Delivered);
+        for (name, status, want) in [
+            ("first", first_status, BatchStatus::Delivered),
+            ("big", big_status, BatchStatus::Rejected),
+            ("last", last_status, BatchStatus::Delivered),
+        ] {
+            assert_eq!(
+                tokio::time::timeout(Duration::from_secs(10), status)
+                    .await
+                    .unwrap_or_else(|_| panic!("{name} batch resolved in time ({protocol:?})")),
+                want,
+                "{name} batch ({protocol:?})"
+            );
+        }
+        assert_eq!(
+            sink.metrics.counter("reconnects").load(Ordering::Relaxed),
+            0
+        );
+        assert_eq!(collector.await.expect("collector").len(), 20);
+        drop(sink.out);
+        sink.task.await.expect("task").expect("sink ok");
+    }
 }

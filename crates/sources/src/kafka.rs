@@ -222,6 +222,10 @@ impl KafkaSourceConfig {
 
 #[async_trait]
 impl SourceConfig for KafkaSourceConfig {
+    fn acknowledges(&self) -> bool {
+        true
+    }
+
     async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Source>, BoxError> {
         let client_id = format!("sluice-{}-{}", cx.pipeline_id, cx.name);
         let props = self.client_config(&client_id)?;

@@ -196,6 +196,11 @@ fn validate_filter(f: &str) -> Result<(), String> {
 
 #[async_trait]
 impl SourceConfig for MqttSourceConfig {
+    /// QoS 1 and 2 messages are acknowledged after delivery; QoS 0 has nothing to ack.
+    fn acknowledges(&self) -> bool {
+        self.qos > 0
+    }
+
     async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Source>, BoxError> {
         let connector = Connector::new(&self.connection, &cx.pipeline_id, &cx.name)?;
         let qos = sluice_mqtt::qos(self.qos)?;

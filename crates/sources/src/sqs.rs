@@ -29,11 +29,13 @@
 //! Message attributes (String and Number types) become tags with `attributes_as_tags`
 //! (`true` for all, or a list of names); they are requested in `ReceiveMessage` only then.
 //!
-//! **Delete only after delivery.** Each `ReceiveMessage` answer becomes one batch with one
-//! finalizer. A message is deleted (`DeleteMessageBatch`, ≤ 10 entries per call, failed entries
-//! retried) only once its batch resolves `Delivered`, or `Rejected` with
-//! `on_rejected = "delete"`. An `Errored` batch gets its visibility set to 0 so the queue
-//! redelivers it at once; if it fails again, to (n-1)² seconds after n receives (capped at
+//! **Delete only after delivery.** Each `ReceiveMessage` answer becomes one batch, with one
+//! finalizer per message: every message is judged by its own records, so one undecodable body
+//! does not drag its neighbours down with it. A message is deleted (`DeleteMessageBatch`, ≤ 10
+//! entries per call, failed entries retried) only once it resolves `Delivered`, or `Rejected`
+//! with `on_rejected = "delete"` (the answer's messages are settled together once all of them
+//! resolved). An `Errored` message gets its visibility set to 0 so the queue redelivers it at
+//! once; if it fails again, to (n-1)² seconds after n receives (capped at
 //! `visibility_timeout`), a backoff driven by the queue's `ApproximateReceiveCount`. With `on_rejected = "leave"` (the default) a rejected message stays on
 //! the queue and the queue's redrive policy moves it to its dead-letter queue after
 //! `maxReceiveCount` receives; without a redrive policy it comes back forever, so use
@@ -478,6 +480,10 @@ pub async fn client(region: Option<&str>, endpoint_url: Option<&str>) -> Result<
 
 #[async_trait]
 impl SourceConfig for SqsConfig {
+    fn acknowledges(&self) -> bool {
+        true
+    }
+
     async fn build(&self, _cx: &BuildContext) -> Result<Box<dyn Source>, BoxError> {
         self.validate()?;
         // Validate the decoding options now (each receiver builds its own decoder).
@@ -495,8 +501,9 @@ struct SqsSource {
     config: SqsConfig,
 }
 
-/// A received batch waiting for its status.
+/// A received batch waiting for its messages' statuses.
 struct Pending {
+    /// Receipt handles, in the order of the batch's status receivers (one per message).
     handles: Vec<String>,
     received: Instant,
     /// When the visibility was last set (receive or extension).
@@ -538,7 +545,7 @@ impl Source for SqsSource {
             metrics,
         } = cx;
         let config = Arc::new(self.config);
-        let (pending_tx, pending_rx) = mpsc::channel::<(Pending, StatusReceiver)>(1024);
+        let (pending_tx, pending_rx) = mpsc::channel::<(Pending, Vec<StatusReceiver>)>(1024);
         let acker = tokio::spawn(acknowledge(
             self.client.clone(),
             config.clone(),
@@ -634,7 +641,7 @@ async fn receive(
     source: Name,
     out: Outputs,
     metrics: Arc<ComponentMetrics>,
-    pending: mpsc::Sender<(Pending, StatusReceiver)>,
+    pending: mpsc::Sender<(Pending, Vec<StatusReceiver>)>,
     shutdown: CancellationToken,
 ) -> Result<(), BoxError> {
     let mut decoder = Decoder::new(config.decode.clone())?;
@@ -692,6 +699,7 @@ async fn receive(
         let received_ns = now_ns();
         let mut decoded = Decoded::with_capacity(messages.len());
         let mut handles = Vec::with_capacity(messages.len());
+        let mut statuses = Vec::with_capacity(messages.len());
         let mut bytes = 0;
         let mut receive_count = 1;
         for m in messages {
@@ -717,6 +725,7 @@ async fn receive(
                 ..Meta::default()
             };
             let first = decoded.records.len();
+            let first_dead = decoded.dead.len();
             match &envelope {
                 // Too big a body is left to the decoder, which dead-letters it unparsed.
                 Some(envelope) if body.len() as u64 <= config.decode.max_payload.0 => {
@@ -739,13 +748,21 @@ async fn receive(
                     add_tags(r, &tags);
                 }
             }
+            // One finalizer per message: its receipt handle is deleted or left by the fate of
+            // its own records only.
+            let (finalizer, status) = ack::batch();
+            for r in decoded.records[first..]
+                .iter_mut()
+                .chain(&mut decoded.dead[first_dead..])
+            {
+                r.finalizers.push(finalizer.clone());
+            }
+            finalizer.finish(BatchStatus::Delivered);
+            statuses.push(status);
         }
         received.fetch_add(handles.len() as i64, Ordering::Relaxed);
         in_flight.fetch_add(handles.len() as i64, Ordering::Relaxed);
         metrics.add_bytes(bytes);
-        let (finalizer, status) = ack::batch();
-        decoded.attach(&finalizer);
-        finalizer.finish(BatchStatus::Delivered);
         let entry = Pending {
             handles,
             received: asked,
@@ -754,7 +771,7 @@ async fn receive(
         };
         // Register before sending, so that visibility extension covers a send that waits on
         // backpressure; the acknowledger never blocks on downstream, so this cannot deadlock.
-        if pending.send((entry, status)).await.is_err() {
+        if pending.send((entry, statuses)).await.is_err() {
             return Err("sqs acknowledgement task stopped".into());
         }
         if decoded.send(&out).await.is_err() {
@@ -771,7 +788,7 @@ async fn acknowledge(
     config: Arc<SqsConfig>,
     name: String,
     metrics: Metrics,
-    mut pending_rx: mpsc::Receiver<(Pending, StatusReceiver)>,
+    mut pending_rx: mpsc::Receiver<(Pending, Vec<StatusReceiver>)>,
 ) {
     let visibility = config.visibility_timeout.0;
     let mut next_id: u64 = 0;
@@ -792,7 +809,9 @@ async fn acknowledge(
                     let id = next_id;
                     next_id += 1;
                     pending.insert(id, p);
-                    statuses.push(async move { (id, status.await) });
+                    // Settled together (one round of calls per answer, extensions per
+                    // answer), each message by its own status.
+                    statuses.push(async move { (id, futures::future::join_all(status).await) });
                 }
                 None => open = false,
             },
@@ -800,35 +819,41 @@ async fn acknowledge(
             // that many are running holds the receivers back through the pending channel.
             Some((id, status)) = statuses.next(), if deletes.len() < DELETE_CONCURRENCY => {
                 let Some(p) = pending.remove(&id) else { continue };
-                let n = p.handles.len() as i64;
-                let remove = match status {
-                    BatchStatus::Delivered => true,
-                    BatchStatus::Rejected => config.on_rejected == OnRejected::Delete,
-                    BatchStatus::Errored => false,
-                };
-                if remove {
-                    deletes.push(delete_batch(
-                        client.clone(),
-                        config.clone(),
-                        name.clone(),
-                        metrics.clone(),
-                        p.handles,
-                    ));
-                    continue;
+                let (mut remove, mut errored, mut left) = (Vec::new(), Vec::new(), 0);
+                for (handle, status) in p.handles.into_iter().zip(status) {
+                    match status {
+                        BatchStatus::Delivered => remove.push(handle),
+                        BatchStatus::Rejected if config.on_rejected == OnRejected::Delete => {
+                            remove.push(handle)
+                        }
+                        BatchStatus::Rejected => left += 1,
+                        BatchStatus::Errored => errored.push(handle),
+                    }
                 }
-                if status == BatchStatus::Errored {
+                if left > 0 {
+                    tracing::debug!(source = %name, messages = left, "rejected: left for the queue's redrive policy");
+                }
+                let released = (left + errored.len()) as i64;
+                if !errored.is_empty() {
                     let delay = retry_delay(p.receive_count, visibility);
                     visibility_calls.push(set_visibility(
                         client.clone(),
                         config.clone(),
                         name.clone(),
-                        p.handles,
+                        errored,
                         delay,
                     ));
-                } else {
-                    tracing::debug!(source = %name, messages = n, "rejected: left for the queue's redrive policy");
                 }
-                metrics.in_flight.fetch_sub(n, Ordering::Relaxed);
+                metrics.in_flight.fetch_sub(released, Ordering::Relaxed);
+                if !remove.is_empty() {
+                    deletes.push(delete_batch(
+                        client.clone(),
+                        config.clone(),
+                        name.clone(),
+                        metrics.clone(),
+                        remove,
+                    ));
+                }
             }
             Some(()) = deletes.next(), if !deletes.is_empty() => {}
             Some(()) = visibility_calls.next(), if !visibility_calls.is_empty() => {}

@@ -554,3 +554,55 @@ async fn iot_rule_envelope_and_attributes_become_tags() {
     run.stop().await;
     assert_empty(&client, &url).await;
 }
+
+/// One undecodable body among good ones: each message is deleted or left by its own outcome,
+/// so with `on_rejected = "leave"` only the bad one stays for the redrive policy. (Before,
+/// one status covered a whole ReceiveMessage answer: the good neighbours were left too and
+/// would have been written again, then moved to the DLQ although delivered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_message_does_not_keep_its_neighbours_on_the_queue() {
+    let (client, url) = queue("per-message").await;
+    let mut bodies: Vec<String> = (0..4).map(|n| format!("{{\"n\":{n}}}")).collect();
+    bodies.insert(2, "{not json".to_string());
+    // One SendMessageBatch: moto hands the five out in one ReceiveMessage answer.
+    send(&client, &url, &bodies).await;
+    let mut run = start(&url, 1, |c| {
+        c.visibility_timeout = HumanDuration(Duration::from_secs(2))
+    })
+    .await;
+    let (mut good, mut dead) = (BTreeSet::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while good.len() < 4 || dead == 0 {
+        assert!(Instant::now() < deadline, "good {good:?}, dead {dead}");
+        tokio::select! {
+            Some(mut b) = run.input.recv() => {
+                good.extend(numbers(&b));
+                b.finalize(BatchStatus::Delivered);
+            }
+            Some(mut b) = run.dead.recv() => {
+                dead += b.len();
+                b.finalize(BatchStatus::Delivered); // the decoder marked it Rejected
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    assert_eq!(good, (0..4).collect::<BTreeSet<_>>());
+    run.deleted(4).await;
+    // The bad one is left (redrive policy's job): never deleted, even when received again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(run.counter("deleted"), 4, "only the delivered messages");
+    run.stop().await;
+    assert_eq!(depth(&client, &url).await, 1, "the rejected message stays");
+    let left = client
+        .receive_message()
+        .queue_url(&url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(5)
+        .send()
+        .await
+        .expect("ReceiveMessage")
+        .messages
+        .unwrap_or_default();
+    let left: Vec<&str> = left.iter().filter_map(|m| m.body.as_deref()).collect();
+    assert_eq!(left, vec!["{not json"]);
+}

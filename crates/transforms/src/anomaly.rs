@@ -33,7 +33,26 @@
 //! nothing and make the sensor's recovery look like a spike. State is bounded: at
 //! most `max_series` series (and as many groups for `missing`), least recently seen evicted.
 //!
-//! Alerts carry no finalizers (they are derived data); input records keep theirs.
+//! Delivery of alerts (at-least-once, like records, with the limits below):
+//!
+//! * An alert derived from a reading (every detector's alert, and `missing`'s "back online")
+//!   carries a clone of that reading's finalizers: the reading is acknowledged only once it
+//!   and its alerts have all been delivered (or dead-lettered). A lost alert makes the
+//!   reading's batch Errored and the source redelivers the reading; the stage recognises the
+//!   redelivery (same group, time and values) and raises the lost alert again instead of
+//!   scoring the reading a second time (which would not bring a threshold alert back: the
+//!   excursion has already alerted). A redelivery that arrives while the alert is still on its
+//!   way takes that alert's outcome. This memory is per run and bounded (the readings whose
+//!   alerts are not all delivered yet, at most 16 per group, `max_series` groups): after a
+//!   restart a redelivered reading is scored by fresh detectors, so a `threshold` alert comes
+//!   back but one that needs history (`zscore`, `ewma`, `mad`, `rate_of_change`, `stuck`)
+//!   does not.
+//! * `missing`'s "offline" alerts come from the timer, with no reading to hold back. While the
+//!   pipeline runs and the device stays silent, a lost one is raised again by the timer; one
+//!   still undelivered when the pipeline stops is gone (**at-most-once** across restarts), and
+//!   the heartbeat state starts empty after a restart: a device that has been silent since
+//!   before the restart is reported offline only after it has sent again and fallen silent
+//!   anew.
 
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
@@ -44,6 +63,7 @@ use async_trait::async_trait;
 use lru::LruCache;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use sluice_core::ack::{self, BatchStatus, Finalizers, Watch};
 use sluice_core::config::HumanDuration;
 use sluice_core::record::{intern, Batch, Name, Record, Value};
 use sluice_core::registry::{BuildContext, TransformConfig};
@@ -313,10 +333,58 @@ struct Series {
     states: Vec<State>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Heartbeat {
     last_seen: i64,
     offline: bool,
+    /// The "offline" alert of the current silence and its outcome: raised again by the timer
+    /// if it was lost (there is no reading whose redelivery could bring it back).
+    offline_alert: Option<(Record, Watch)>,
+}
+
+/// Most alerting readings remembered per group (see [`Raised`]). Beyond it the oldest is
+/// forgotten; should it be redelivered after its alert was lost, it is scored anew.
+const RAISED_PER_GROUP: usize = 16;
+
+/// The alerts one reading raised, kept until they are all delivered (or dead-lettered).
+///
+/// A lost alert makes its reading's batch Errored and the source redelivers the reading, but
+/// the detectors have already taken it in (a threshold excursion alerts only once), so scoring
+/// it anew would not bring the alert back. A redelivered reading is recognised by group, time
+/// and values: it raises again the alerts that were lost and follows the outcome of those
+/// still on their way, and is not scored a second time.
+#[derive(Debug)]
+struct Raised {
+    time: i64,
+    values: SmallVec<[Option<u64>; 4]>,
+    top_score: f64,
+    /// Each alert as emitted (without finalizers) and the outcome of its last emission.
+    alerts: SmallVec<[(Record, Watch); 1]>,
+}
+
+impl Raised {
+    /// Every alert delivered or dead-lettered: nothing left to raise again.
+    fn settled(&self) -> bool {
+        self.alerts
+            .iter()
+            .all(|(_, w)| w.status().is_some_and(BatchStatus::is_ackable))
+    }
+}
+
+/// Emits `alert` on the anomalies output holding `reading` (the finalizers of the reading it
+/// was derived from; empty for the timer's alerts) and a watched finalizer of its own.
+/// Returns the alert as emitted, without finalizers, and the watch of its outcome.
+fn emit_alert(
+    mut alert: Record,
+    reading: &Finalizers,
+    out: &mut TransformOutput,
+) -> (Record, Watch) {
+    let kept = alert.clone();
+    let (own, watch) = ack::watched();
+    alert.finalizers = reading.clone();
+    alert.finalizers.push(own);
+    out.push_to(ANOMALIES, alert);
+    (kept, watch)
 }
 
 /// Counters of the stage (logged at shutdown).
@@ -341,6 +409,8 @@ pub struct Detector {
     annotate: bool,
     series: LruCache<(GroupKey, u16), Series>,
     heartbeats: LruCache<GroupKey, Heartbeat>,
+    /// Alerting readings whose alerts are not all delivered yet, per group.
+    raised: LruCache<GroupKey, VecDeque<Raised>>,
     /// Newest event time seen (the `event` clock).
     max_event: i64,
     scratch: Vec<f64>,
@@ -489,6 +559,7 @@ impl Detector {
             annotate: config.annotate,
             series: LruCache::new(cap),
             heartbeats: LruCache::new(cap),
+            raised: LruCache::new(cap),
             max_event: i64::MIN,
             scratch: Vec::new(),
             stats: Stats::default(),
@@ -586,8 +657,18 @@ impl Detector {
             Ok(v) => v,
             Err(e) => return self.invalid(r, e, out),
         };
+        let fingerprint: SmallVec<[Option<u64>; 4]> =
+            values.iter().map(|v| v.map(f64::to_bits)).collect();
+        if let Some(top_score) = self.redelivered(&key, r.time, &fingerprint, &r.finalizers, out) {
+            self.annotate(&mut r, top_score);
+            out.push(r);
+            return;
+        }
         self.max_event = self.max_event.max(r.time);
         let mut top_score: f64 = 0.0;
+        // Alerts derived from this reading hold (clones of) its finalizers: the reading is
+        // acknowledged only once its alerts are delivered too (see the module docs).
+        let mut raised: SmallVec<[(Record, Watch); 1]> = SmallVec::new();
         if let Some((_, clock)) = self.missing {
             let seen = match clock {
                 Clock::Wall => wall,
@@ -596,6 +677,8 @@ impl Detector {
             let back = match self.heartbeats.get_mut(&key) {
                 Some(hb) => {
                     hb.last_seen = hb.last_seen.max(seen);
+                    // The silence is over: a lost "offline" alert is not raised any more.
+                    hb.offline_alert = None;
                     std::mem::replace(&mut hb.offline, false)
                 }
                 None => {
@@ -604,6 +687,7 @@ impl Detector {
                         Heartbeat {
                             last_seen: seen,
                             offline: false,
+                            offline_alert: None,
                         },
                     );
                     false
@@ -611,7 +695,7 @@ impl Detector {
             };
             if back {
                 let alert = self.missing_alert(&key, r.time, false);
-                out.push_to(ANOMALIES, alert);
+                raised.push(emit_alert(alert, &r.finalizers, out));
             }
         }
         for (idx, v) in values.iter().enumerate() {
@@ -637,14 +721,78 @@ impl Detector {
             for finding in findings {
                 top_score = top_score.max(finding.score);
                 let alert = self.alert(&key, idx, r.time, x, finding);
-                out.push_to(ANOMALIES, alert);
+                raised.push(emit_alert(alert, &r.finalizers, out));
             }
         }
+        if !raised.is_empty() {
+            self.remember(
+                key,
+                Raised {
+                    time: r.time,
+                    values: fingerprint,
+                    top_score,
+                    alerts: raised,
+                },
+            );
+        }
+        self.annotate(&mut r, top_score);
+        out.push(r);
+    }
+
+    fn annotate(&self, r: &mut Record, top_score: f64) {
         if self.annotate {
             r.set_field_named(&self.names.anomaly, Value::Bool(top_score > 0.0));
             r.set_field_named(&self.names.anomaly_score, Value::F64(top_score));
         }
-        out.push(r);
+    }
+
+    /// If `time` / `values` is a redelivery of a reading of group `key` that raised alerts:
+    /// raises the lost ones again (holding `reading`), makes `reading` follow the outcome of
+    /// those still on their way, and returns the reading's score. `None` for a new reading.
+    fn redelivered(
+        &mut self,
+        key: &GroupKey,
+        time: i64,
+        values: &SmallVec<[Option<u64>; 4]>,
+        reading: &Finalizers,
+        out: &mut TransformOutput,
+    ) -> Option<f64> {
+        let list = self.raised.get_mut(key)?;
+        let Some(entry) = list
+            .iter_mut()
+            .find(|e| e.time == time && e.values == *values)
+        else {
+            // Not a redelivery; forget what is settled while here, to keep the state small.
+            list.retain(|e| !e.settled());
+            if list.is_empty() {
+                self.raised.pop(key);
+            }
+            return None;
+        };
+        for (alert, watch) in entry.alerts.iter_mut() {
+            match watch.status() {
+                None => watch.follow(reading.clone()),
+                Some(BatchStatus::Errored) => {
+                    self.stats.alerts += 1;
+                    let (_, w) = emit_alert(alert.clone(), reading, out);
+                    *watch = w;
+                }
+                Some(_) => {}
+            }
+        }
+        Some(entry.top_score)
+    }
+
+    fn remember(&mut self, key: GroupKey, raised: Raised) {
+        if let Some(list) = self.raised.get_mut(&key) {
+            list.retain(|e| !e.settled());
+            if list.len() >= RAISED_PER_GROUP {
+                list.pop_front();
+            }
+            list.push_back(raised);
+        } else {
+            self.raised.put(key, VecDeque::from([raised]));
+        }
     }
 
     fn invalid(&mut self, r: Record, reason: String, out: &mut TransformOutput) {
@@ -971,16 +1119,33 @@ impl Transform for Detector {
             Clock::Event => self.max_event,
         };
         let mut offline: Vec<GroupKey> = Vec::new();
+        let mut lost: Vec<(GroupKey, Record)> = Vec::new();
         for (key, hb) in self.heartbeats.iter_mut() {
             if !hb.offline && now.saturating_sub(hb.last_seen) > timeout {
                 hb.offline = true;
                 offline.push(key.clone());
+            } else if let Some((alert, watch)) = &hb.offline_alert {
+                if watch.status() == Some(BatchStatus::Errored) {
+                    lost.push((key.clone(), alert.clone()));
+                }
             }
         }
         offline.sort();
+        let none = Finalizers::new();
         for key in offline {
             let alert = self.missing_alert(&key, now, true);
-            out.push_to(ANOMALIES, alert);
+            let sent = emit_alert(alert, &none, out);
+            if let Some(hb) = self.heartbeats.peek_mut(&key) {
+                hb.offline_alert = Some(sent);
+            }
+        }
+        lost.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, alert) in lost {
+            self.stats.alerts += 1;
+            let sent = emit_alert(alert, &none, out);
+            if let Some(hb) = self.heartbeats.peek_mut(&key) {
+                hb.offline_alert = Some(sent);
+            }
         }
     }
 
@@ -1237,6 +1402,205 @@ mod tests {
         let alerts = take(&mut out, ANOMALIES);
         assert_eq!(alerts.len(), 1);
         assert!(str_field(&alerts[0], "message").contains("back online"));
+    }
+
+    /// Feeds d1 a normal reading and then `spike` (an acknowledgeable batch of one) through a
+    /// threshold detector; returns the spike's passthrough copy, its alert and the status.
+    fn alert_of_acked_reading(
+        d: &mut Detector,
+        spike: f64,
+    ) -> (Record, Vec<Record>, sluice_core::ack::StatusReceiver) {
+        let mut out = TransformOutput::default();
+        d.process(Batch::new(vec![temp(0.0, "d1", 20.0)]), &mut out);
+        take(&mut out, "default");
+        let (f, status) = sluice_core::ack::batch();
+        let mut r = temp(1.0, "d1", spike);
+        r.finalizers.push(f);
+        d.process(Batch::new(vec![r]), &mut out);
+        let mut passed = take(&mut out, "default");
+        assert_eq!(passed.len(), 1);
+        (passed.remove(0), take(&mut out, ANOMALIES), status)
+    }
+
+    fn threshold_30() -> Detector {
+        detector(
+            vec![DetectorConfig::Threshold {
+                min: None,
+                max: Some(30.0),
+                hysteresis: 0.0,
+            }],
+            |_| {},
+        )
+    }
+
+    #[test]
+    fn an_alert_keeps_its_reading_pending_until_the_alert_is_finalized() {
+        use sluice_core::ack::BatchStatus;
+        let (reading, mut alerts, mut status) = alert_of_acked_reading(&mut threshold_30(), 35.0);
+        assert_eq!(alerts.len(), 1);
+        reading.finalizers.finish(BatchStatus::Delivered);
+        assert_eq!(
+            status.try_status(),
+            None,
+            "the reading is not acknowledged while its alert is on its way"
+        );
+        alerts.remove(0).finalizers.finish(BatchStatus::Delivered);
+        assert_eq!(status.try_status(), Some(BatchStatus::Delivered));
+
+        // An alert lost on its way (dropped without a status) makes the reading's batch
+        // Errored: the source redelivers the reading, and the alert is raised again.
+        let (reading, alerts, mut status) = alert_of_acked_reading(&mut threshold_30(), 35.0);
+        assert_eq!(alerts.len(), 1);
+        reading.finalizers.finish(BatchStatus::Delivered);
+        drop(alerts);
+        assert_eq!(status.try_status(), Some(BatchStatus::Errored));
+
+        // No alert: the reading alone decides.
+        let (reading, alerts, mut status) = alert_of_acked_reading(&mut threshold_30(), 25.0);
+        assert!(alerts.is_empty());
+        reading.finalizers.finish(BatchStatus::Delivered);
+        assert_eq!(status.try_status(), Some(BatchStatus::Delivered));
+    }
+
+    /// A lost alert makes its reading's batch Errored; the source redelivers the reading. The
+    /// detector has already moved on (a threshold excursion alerts once), so the redelivered
+    /// reading must raise the lost alert again rather than be scored anew.
+    #[test]
+    fn a_redelivered_reading_raises_its_lost_alert_again() {
+        use sluice_core::ack::{self, BatchStatus};
+        let mut d = threshold_30();
+        let (reading, alerts, mut status) = alert_of_acked_reading(&mut d, 35.0);
+        assert_eq!(alerts.len(), 1);
+        reading.finalizers.finish(BatchStatus::Delivered);
+        drop(alerts);
+        assert_eq!(status.try_status(), Some(BatchStatus::Errored));
+
+        // The redelivery: the same reading in a new source batch.
+        let mut out = TransformOutput::default();
+        let (f, mut again) = ack::batch();
+        let mut r = temp(1.0, "d1", 35.0);
+        r.finalizers.push(f);
+        d.process(Batch::new(vec![r]), &mut out);
+        let passed = take(&mut out, "default");
+        let mut alerts = take(&mut out, ANOMALIES);
+        assert_eq!(alerts.len(), 1, "the lost alert is raised again");
+        assert!(str_field(&alerts[0], "message").contains("above max"));
+        for p in passed {
+            p.finalizers.finish(BatchStatus::Delivered);
+        }
+        assert_eq!(
+            again.try_status(),
+            None,
+            "held until the alert is delivered"
+        );
+        alerts.remove(0).finalizers.finish(BatchStatus::Delivered);
+        assert_eq!(again.try_status(), Some(BatchStatus::Delivered));
+
+        // Redelivered once more (say its other sink failed): the alert was delivered, so no
+        // duplicate.
+        let (f, mut third) = ack::batch();
+        let mut r = temp(1.0, "d1", 35.0);
+        r.finalizers.push(f);
+        d.process(Batch::new(vec![r]), &mut out);
+        assert!(take(&mut out, ANOMALIES).is_empty());
+        for p in take(&mut out, "default") {
+            p.finalizers.finish(BatchStatus::Delivered);
+        }
+        assert_eq!(third.try_status(), Some(BatchStatus::Delivered));
+    }
+
+    /// A redelivery that arrives while the first alert is still on its way takes that alert's
+    /// outcome instead of raising a duplicate.
+    #[test]
+    fn a_redelivery_while_the_alert_is_pending_follows_it() {
+        use sluice_core::ack::{self, BatchStatus};
+        let mut d = threshold_30();
+        let (reading, mut alerts, _status) = alert_of_acked_reading(&mut d, 35.0);
+        reading.finalizers.finish(BatchStatus::Delivered);
+        let mut out = TransformOutput::default();
+        let (f, mut dup) = ack::batch();
+        let mut r = temp(1.0, "d1", 35.0);
+        r.finalizers.push(f);
+        d.process(Batch::new(vec![r]), &mut out);
+        assert!(take(&mut out, ANOMALIES).is_empty(), "no duplicate alert");
+        for p in take(&mut out, "default") {
+            p.finalizers.finish(BatchStatus::Delivered);
+        }
+        assert_eq!(dup.try_status(), None);
+        alerts.remove(0).finalizers.finish(BatchStatus::Errored);
+        assert_eq!(dup.try_status(), Some(BatchStatus::Errored));
+    }
+
+    /// The timer's "offline" alert has no reading to hold back; a lost one is raised again
+    /// by the timer while the device stays silent.
+    #[test]
+    fn a_lost_offline_alert_is_raised_again_by_the_timer() {
+        use sluice_core::ack::BatchStatus;
+        let mut d = detector(
+            vec![DetectorConfig::Missing {
+                timeout: HumanDuration(Duration::from_secs(10)),
+                clock: Clock::Event,
+            }],
+            |_| {},
+        );
+        let mut out = TransformOutput::default();
+        d.process(
+            Batch::new(vec![temp(0.0, "d1", 1.0), temp(0.0, "d2", 1.0)]),
+            &mut out,
+        );
+        d.process(Batch::new(vec![temp(20.0, "d1", 1.0)]), &mut out);
+        d.on_tick(0, &mut out);
+        let offline = take(&mut out, ANOMALIES);
+        assert_eq!(offline.len(), 1);
+        drop(offline); // lost on its way
+        d.on_tick(0, &mut out);
+        let mut again = take(&mut out, ANOMALIES);
+        assert_eq!(again.len(), 1, "raised again");
+        assert_eq!(again[0].tag("device_id"), Some("d2"));
+        assert!(str_field(&again[0], "message").contains("offline"));
+        again.remove(0).finalizers.finish(BatchStatus::Delivered);
+        d.on_tick(0, &mut out);
+        assert!(
+            take(&mut out, ANOMALIES).is_empty(),
+            "delivered: not repeated"
+        );
+    }
+
+    #[test]
+    fn back_online_alert_carries_the_readings_finalizers_the_offline_one_its_own() {
+        use sluice_core::ack::BatchStatus;
+        let mut d = detector(
+            vec![DetectorConfig::Missing {
+                timeout: HumanDuration(Duration::from_secs(10)),
+                clock: Clock::Event,
+            }],
+            |_| {},
+        );
+        let mut out = TransformOutput::default();
+        d.process(
+            Batch::new(vec![temp(0.0, "d1", 1.0), temp(0.0, "d2", 1.0)]),
+            &mut out,
+        );
+        d.process(Batch::new(vec![temp(20.0, "d1", 1.0)]), &mut out);
+        d.on_tick(0, &mut out);
+        let offline = take(&mut out, ANOMALIES);
+        assert_eq!(offline.len(), 1);
+        // Timer-driven: no reading to hold back (only the alert's own watched finalizer).
+        assert_eq!(offline[0].finalizers.len(), 1);
+        take(&mut out, "default");
+        let (f, mut status) = sluice_core::ack::batch();
+        let mut r = temp(21.0, "d2", 1.0);
+        r.finalizers.push(f);
+        d.process(Batch::new(vec![r]), &mut out);
+        let back = take(&mut out, ANOMALIES);
+        assert_eq!(back.len(), 1);
+        assert!(str_field(&back[0], "message").contains("back online"));
+        for r in take(&mut out, "default") {
+            r.finalizers.finish(BatchStatus::Delivered);
+        }
+        assert_eq!(status.try_status(), None);
+        drop(back);
+        assert_eq!(status.try_status(), Some(BatchStatus::Errored));
     }
 
     #[test]

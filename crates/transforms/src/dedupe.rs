@@ -10,9 +10,17 @@
 //!
 //! MQTT QoS 1 and SQS deliver at least once, so the same message can arrive twice. A record
 //! whose key was seen less than `window` ago (in event time: the newest event time seen is
-//! "now") is discarded, which acknowledges it: the first copy carries the data. Keys are kept
+//! "now") is a duplicate and is not passed on: the first copy carries the data. Keys are kept
 //! for `window`, at most `max_entries` of them (the oldest forgotten first). A record missing a
 //! key part goes to `dead_letter`.
+//!
+//! A duplicate is only acknowledged as far as its first copy is: dedupe watches each first copy
+//! ([`ack::watched`]) and
+//! * while it is in flight, a duplicate takes its outcome (the duplicate's source waits);
+//! * once it is delivered or rejected, a duplicate is discarded (acknowledged) at once;
+//! * if it ended errored (a sink gave up, the source will redeliver), the key is forgotten and
+//!   the next copy passes as a new first copy. Discarding it would acknowledge data that no
+//!   sink has.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -20,6 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use sluice_core::ack::{self, Watch};
 use sluice_core::config::HumanDuration;
 use sluice_core::record::{Batch, Record};
 use sluice_core::registry::{BuildContext, TransformConfig};
@@ -57,6 +66,16 @@ impl TransformConfig for DedupeConfig {
     }
 }
 
+/// The first copy of a key.
+#[derive(Debug)]
+struct First {
+    /// Its event time.
+    time: i64,
+    generation: u64,
+    /// Its outcome across every sink it reached.
+    outcome: Watch,
+}
+
 #[derive(Debug, Clone)]
 enum Part {
     Tag(String),
@@ -70,10 +89,13 @@ pub struct Dedupe {
     parts: Vec<Part>,
     window: i64,
     max_entries: usize,
-    /// Key → event time it was first seen.
-    seen: HashMap<Box<str>, i64>,
-    /// Keys in insertion order, for expiry.
-    order: VecDeque<(i64, Box<str>)>,
+    /// Key → its first copy.
+    seen: HashMap<Box<str>, First>,
+    /// Keys in insertion order with their entry's generation, for expiry.
+    order: VecDeque<(i64, u64, Box<str>)>,
+    /// Generation of the next entry: tells a key's current entry from one it replaced (an
+    /// errored first copy replaced by its redelivery may have the same event time).
+    next_gen: u64,
     newest: i64,
     /// Duplicates discarded so far.
     pub duplicates: u64,
@@ -102,6 +124,7 @@ impl Dedupe {
             max_entries: config.max_entries,
             seen: HashMap::new(),
             order: VecDeque::new(),
+            next_gen: 0,
             newest: i64::MIN,
             duplicates: 0,
         })
@@ -135,23 +158,41 @@ impl Dedupe {
 
     fn expire(&mut self) {
         let horizon = self.newest.saturating_sub(self.window);
-        while let Some((t, _)) = self.order.front() {
+        while let Some((t, _, _)) = self.order.front() {
             if *t >= horizon && self.order.len() <= self.max_entries {
                 break;
             }
-            if let Some((t, k)) = self.order.pop_front() {
-                // Only forget the key if this queue entry is the one that set it.
-                if self.seen.get(&k) == Some(&t) {
+            if let Some((_, generation, k)) = self.order.pop_front() {
+                // Only forget the key if this queue entry is the one that set it. A forgotten
+                // first copy still passes its outcome to the duplicates that follow it.
+                if self.seen.get(&k).map(|f| f.generation) == Some(generation) {
                     self.seen.remove(&k);
                 }
             }
         }
     }
+
+    /// Remembers `r` as the first copy of `key` and watches its outcome.
+    fn remember(&mut self, key: Box<str>, r: &mut Record) {
+        let (finalizer, outcome) = ack::watched();
+        r.finalizers.push(finalizer);
+        let generation = self.next_gen;
+        self.next_gen += 1;
+        self.seen.insert(
+            key.clone(),
+            First {
+                time: r.time,
+                generation,
+                outcome,
+            },
+        );
+        self.order.push_back((r.time, generation, key));
+    }
 }
 
 impl Transform for Dedupe {
     fn process(&mut self, batch: Batch, out: &mut TransformOutput) {
-        for r in batch.records {
+        for mut r in batch.records {
             let key = match self.key(&r) {
                 Ok(k) => k,
                 Err(e) => {
@@ -161,14 +202,24 @@ impl Transform for Dedupe {
             };
             self.newest = self.newest.max(r.time);
             let horizon = self.newest.saturating_sub(self.window);
-            match self.seen.get(&key) {
-                Some(first) if *first >= horizon => {
+            let first = self
+                .seen
+                .get(&key)
+                .filter(|f| f.time >= horizon)
+                .map(|f| (f.outcome.status(), &f.outcome));
+            match first {
+                // Pending: the duplicate is acknowledged only as far as the first copy is.
+                Some((None, outcome)) => {
+                    self.duplicates += 1;
+                    outcome.follow(std::mem::take(&mut r.finalizers));
+                }
+                Some((Some(status), _)) if status.is_ackable() => {
                     self.duplicates += 1;
                     r.discard();
                 }
+                // New, expired, or the first copy errored (so this is its redelivery).
                 _ => {
-                    self.seen.insert(key.clone(), r.time);
-                    self.order.push_back((r.time, key));
+                    self.remember(key, &mut r);
                     out.push(r);
                 }
             }
@@ -204,6 +255,16 @@ mod tests {
         take(&mut out, "default")
     }
 
+    /// Passes `records` and has a sink deliver what comes out; returns how many came out.
+    fn deliver(d: &mut Dedupe, records: Vec<Record>) -> usize {
+        let kept = pass(d, records);
+        let n = kept.len();
+        for mut r in kept {
+            r.finalize(BatchStatus::Delivered);
+        }
+        n
+    }
+
     #[tokio::test]
     async fn redelivered_duplicates_are_discarded_and_acknowledged() {
         let mut d = dedupe(60, 100);
@@ -216,32 +277,88 @@ mod tests {
         );
         assert_eq!(kept.len(), 3);
         assert_eq!(d.duplicates, 1);
+        // Acknowledged once the first copy is delivered.
+        for mut r in kept {
+            r.finalize(BatchStatus::Delivered);
+        }
         assert_eq!(status.await, BatchStatus::Delivered);
+    }
+
+    /// A finalizer-carrying copy of `msg`, and the receiver of its source batch's status.
+    fn acked(secs: f64, dev: &str, seq: i64) -> (Record, ack::StatusReceiver) {
+        let (fin, status) = ack::batch();
+        let mut r = msg(secs, dev, seq);
+        r.finalizers.push(fin);
+        (r, status)
+    }
+
+    #[tokio::test]
+    async fn duplicate_of_an_original_that_errored_is_not_acknowledged_and_redelivery_passes() {
+        let mut d = dedupe(60, 100);
+        let (first, first_status) = acked(1.0, "a", 1);
+        let (dup, dup_status) = acked(1.0, "a", 1);
+        let mut kept = pass(&mut d, vec![first, dup]);
+        assert_eq!(
+            kept.len(),
+            1,
+            "the duplicate is held back, not written twice"
+        );
+        // The sink gives up on the first copy: the source must redeliver both messages.
+        kept.remove(0).finalize(BatchStatus::Errored);
+        assert_eq!(first_status.await, BatchStatus::Errored);
+        assert_eq!(
+            dup_status.await,
+            BatchStatus::Errored,
+            "a duplicate takes its original's outcome; acknowledging it would lose the data"
+        );
+        // The redelivered copy is not a duplicate of anything delivered: it must pass.
+        let (again, again_status) = acked(1.0, "a", 1);
+        let mut kept = pass(&mut d, vec![again]);
+        assert_eq!(kept.len(), 1, "an errored original is forgotten");
+        kept.remove(0).finalize(BatchStatus::Delivered);
+        assert_eq!(again_status.await, BatchStatus::Delivered);
+        // Now it is delivered, so a further copy is a real duplicate.
+        let (late, late_status) = acked(2.0, "a", 1);
+        assert!(pass(&mut d, vec![late]).is_empty());
+        assert_eq!(late_status.await, BatchStatus::Delivered);
+    }
+
+    #[tokio::test]
+    async fn duplicate_of_a_pending_original_waits_for_its_outcome() {
+        let mut d = dedupe(60, 100);
+        let (first, _first_status) = acked(1.0, "a", 1);
+        let mut kept = pass(&mut d, vec![first]);
+        let (dup, mut dup_status) = acked(1.5, "a", 1);
+        assert!(pass(&mut d, vec![dup]).is_empty());
+        assert_eq!(d.duplicates, 1);
+        assert_eq!(
+            dup_status.try_status(),
+            None,
+            "must not be acknowledged before the original is delivered"
+        );
+        kept.remove(0).finalize(BatchStatus::Rejected);
+        assert_eq!(dup_status.await, BatchStatus::Rejected);
     }
 
     #[test]
     fn keys_expire_after_the_window() {
         let mut d = dedupe(60, 100);
-        assert_eq!(pass(&mut d, vec![msg(0.0, "a", 1)]).len(), 1);
-        assert_eq!(
-            pass(&mut d, vec![msg(30.0, "a", 1)]).len(),
-            0,
-            "within 60 s"
-        );
-        assert_eq!(pass(&mut d, vec![msg(200.0, "z", 9)]).len(), 1);
-        assert_eq!(pass(&mut d, vec![msg(201.0, "a", 1)]).len(), 1, "forgotten");
+        assert_eq!(deliver(&mut d, vec![msg(0.0, "a", 1)]), 1);
+        assert_eq!(deliver(&mut d, vec![msg(30.0, "a", 1)]), 0, "within 60 s");
+        assert_eq!(deliver(&mut d, vec![msg(200.0, "z", 9)]), 1);
+        assert_eq!(deliver(&mut d, vec![msg(201.0, "a", 1)]), 1, "forgotten");
     }
 
     #[test]
     fn max_entries_bounds_memory() {
         let mut d = dedupe(3600, 2);
-        pass(
+        deliver(
             &mut d,
             vec![msg(0.0, "a", 1), msg(1.0, "a", 2), msg(2.0, "a", 3)],
         );
         assert!(d.seen.len() <= 2);
         assert_eq!(
-            pass(&mut d, vec![msg(3.0, "a", 1)]).len(),
+            deliver(&mut d, vec![msg(3.0, "a", 1)]),
             1,
             "oldest forgotten"
         );
