@@ -511,10 +511,18 @@ impl ConsumerContext for Context {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let shared = &self.shared;
         match rebalance {
             Rebalance::Assign(list) => {
+                // librdkafka keeps a partition's pause flag across revocation: a partition
+                // revoked while we had the assignment paused (pipeline full) and assigned back
+                // later would stay paused for good, and only the partitions of the current
+                // assignment get resumed. Start every assigned partition unpaused; the poll
+                // loop pauses them again if the pipeline is still full (`paused_at`).
+                if let Err(e) = consumer.resume(list) {
+                    tracing::warn!(source = %shared.name, error = %e, "kafka: resuming newly assigned partitions failed");
+                }
                 shared.rebalances.fetch_add(1, Ordering::Relaxed);
                 let mut state = shared.state();
                 for e in list.elements() {
