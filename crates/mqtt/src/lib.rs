@@ -604,10 +604,11 @@ pub enum Event {
     UnsubAck,
     /// Our publish with this packet id (0 for QoS 0) was written to the socket.
     PublishSent(u16),
-    /// QoS 1 publish acknowledged (PUBACK).
-    PubAck(u16),
-    /// QoS 2 publish completed (PUBCOMP).
-    PubComp(u16),
+    /// QoS 1 publish acknowledged (PUBACK); `refused` holds the reason when a v5 broker
+    /// answered with a failure code (e.g. "NotAuthorized"): the message was not accepted.
+    PubAck { pkid: u16, refused: Option<String> },
+    /// QoS 2 publish completed (PUBCOMP); `refused` as for [`Event::PubAck`].
+    PubComp { pkid: u16, refused: Option<String> },
     /// We sent PUBACK for incoming QoS 1 message `pkid`.
     PubAckSent(u16),
     /// We sent PUBREC for incoming QoS 2 message `pkid` (PUBREL / PUBCOMP still to come).
@@ -760,8 +761,15 @@ fn from_v4(ev: rumqttc::Event) -> Event {
                 .map(|(i, _)| i)
                 .collect(),
         },
-        E::Incoming(Packet::PubAck(a)) => Event::PubAck(a.pkid),
-        E::Incoming(Packet::PubComp(c)) => Event::PubComp(c.pkid),
+        // v3.1.1 has no reason codes: a broker that refuses a publish drops it silently.
+        E::Incoming(Packet::PubAck(a)) => Event::PubAck {
+            pkid: a.pkid,
+            refused: None,
+        },
+        E::Incoming(Packet::PubComp(c)) => Event::PubComp {
+            pkid: c.pkid,
+            refused: None,
+        },
         E::Incoming(Packet::UnsubAck(_)) => Event::UnsubAck,
         E::Incoming(Packet::Disconnect) => Event::DisconnectReceived(String::new()),
         E::Outgoing(Outgoing::Publish(pkid)) => Event::PublishSent(pkid),
@@ -800,8 +808,21 @@ fn from_v5(ev: v5::Event) -> Event {
                 .map(|(i, _)| i)
                 .collect(),
         },
-        E::Incoming(Packet::PubAck(a)) => Event::PubAck(a.pkid),
-        E::Incoming(Packet::PubComp(c)) => Event::PubComp(c.pkid),
+        E::Incoming(Packet::PubAck(a)) => {
+            use v5::mqttbytes::v5::PubAckReason as R;
+            Event::PubAck {
+                pkid: a.pkid,
+                refused: (!matches!(a.reason, R::Success | R::NoMatchingSubscribers))
+                    .then(|| format!("{:?}", a.reason)),
+            }
+        }
+        E::Incoming(Packet::PubComp(c)) => {
+            use v5::mqttbytes::v5::PubCompReason as R;
+            Event::PubComp {
+                pkid: c.pkid,
+                refused: (!matches!(c.reason, R::Success)).then(|| format!("{:?}", c.reason)),
+            }
+        }
         E::Incoming(Packet::UnsubAck(_)) => Event::UnsubAck,
         E::Incoming(Packet::Disconnect(d)) => {
             Event::DisconnectReceived(format!("{:?}", d.reason_code))

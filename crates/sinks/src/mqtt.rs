@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use sluice_core::ack::{BatchStatus, Finalizers};
+use sluice_core::ack::BatchStatus;
 use sluice_core::config::HumanDuration;
 use sluice_core::metrics::ComponentMetrics;
 use sluice_core::record::Record;
@@ -211,8 +211,8 @@ enum Signal {
     Connected(sluice_mqtt::Client),
     /// The publish queued `n`-th on this connection went out with packet id `pkid`.
     Sent(u16),
-    /// The broker confirmed packet id `pkid`.
-    Confirmed(u16),
+    /// The broker confirmed packet id `pkid`, or (v5) refused it with this reason.
+    Confirmed(u16, Option<String>),
     Lost,
     Fatal(String),
 }
@@ -221,7 +221,9 @@ enum Signal {
 struct Unconfirmed {
     topic: String,
     payload: Bytes,
-    finalizers: Finalizers,
+    /// Kept whole (with its finalizers) so that a publish the broker refuses can be
+    /// dead-lettered.
+    record: Record,
 }
 
 #[async_trait]
@@ -288,19 +290,29 @@ impl Sink for MqttSink {
                     Some(Signal::Sent(pkid)) => {
                         if let Some(seq) = queued.pop_front() {
                             if self.qos == QoS::AtMostOnce {
-                                if let Some(u) = unconfirmed.remove(&seq) {
+                                if let Some(mut u) = unconfirmed.remove(&seq) {
                                     cx.metrics.add_out(1);
-                                    u.finalizers.finish(BatchStatus::Delivered);
+                                    std::mem::take(&mut u.record.finalizers).finish(BatchStatus::Delivered);
                                 }
                             } else {
                                 by_pkid.insert(pkid, seq);
                             }
                         }
                     }
-                    Some(Signal::Confirmed(pkid)) => {
-                        if let Some(u) = by_pkid.remove(&pkid).and_then(|seq| unconfirmed.remove(&seq)) {
-                            cx.metrics.add_out(1);
-                            u.finalizers.finish(BatchStatus::Delivered);
+                    Some(Signal::Confirmed(pkid, refused)) => {
+                        if let Some(mut u) = by_pkid.remove(&pkid).and_then(|seq| unconfirmed.remove(&seq)) {
+                            match refused {
+                                None => {
+                                    cx.metrics.add_out(1);
+                                    std::mem::take(&mut u.record.finalizers).finish(BatchStatus::Delivered);
+                                }
+                                // A v5 broker refused it (e.g. its ACL denies the topic):
+                                // sending it again gets the same answer.
+                                Some(reason) => {
+                                    let reason = format!("the broker refused the PUBLISH to {:?}: {reason}", u.topic);
+                                    cx.reject(vec![u.record], &reason).await;
+                                }
+                            }
                         }
                     }
                     Some(Signal::Lost) => client = None,
@@ -311,7 +323,7 @@ impl Sink for MqttSink {
                     None => input_open = false,
                     Some(mut batch) => {
                         let mut rejected: Vec<(Record, String)> = Vec::new();
-                        for mut r in batch.records.drain(..) {
+                        for r in batch.records.drain(..) {
                             let built = self
                                 .topic
                                 .render(&r)
@@ -343,7 +355,7 @@ impl Sink for MqttSink {
                                     unconfirmed.insert(seq, Unconfirmed {
                                         topic,
                                         payload,
-                                        finalizers: std::mem::take(&mut r.finalizers),
+                                        record: r,
                                     });
                                 }
                             }
@@ -449,11 +461,11 @@ impl Poller {
                     Ok(Event::PublishSent(pkid)) => {
                         let _ = self.tx.send(Signal::Sent(pkid));
                     }
-                    Ok(Event::PubAck(pkid)) if self.qos == QoS::AtLeastOnce => {
-                        let _ = self.tx.send(Signal::Confirmed(pkid));
+                    Ok(Event::PubAck { pkid, refused }) if self.qos == QoS::AtLeastOnce => {
+                        let _ = self.tx.send(Signal::Confirmed(pkid, refused));
                     }
-                    Ok(Event::PubComp(pkid)) if self.qos == QoS::ExactlyOnce => {
-                        let _ = self.tx.send(Signal::Confirmed(pkid));
+                    Ok(Event::PubComp { pkid, refused }) if self.qos == QoS::ExactlyOnce => {
+                        let _ = self.tx.send(Signal::Confirmed(pkid, refused));
                     }
                     Ok(Event::DisconnectSent) => return,
                     Ok(_) => {}

@@ -495,3 +495,57 @@ async fn publish_over_max_packet_size_is_dead_lettered() {
         sink.task.await.expect("task").expect("sink ok");
     }
 }
+
+/// A v5 broker that refuses a publish says so in its PUBACK (here mosquitto's ACL denies the
+/// topic: reason NotAuthorized). The record is dead-lettered with that reason — not counted
+/// Delivered and acknowledged upstream, as it was while the reason code was ignored — and
+/// records to allowed topics around it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_refused_by_the_broker_is_dead_lettered() {
+    let acl_dir = std::env::temp_dir().join(testing::unique("sluice-acl"));
+    std::fs::create_dir_all(&acl_dir).expect("acl dir");
+    let acl = acl_dir.join("acl");
+    std::fs::write(&acl, "topic readwrite allowed/#\n").expect("write acl");
+    let broker = Mosquitto::start(&format!("acl_file {}", acl.display()));
+    let mut c = MqttSinkConfig::new(&broker.url(), "{area}/echo/{device_id}");
+    c.connection.protocol = Protocol::V5;
+    let mut sink = start(&c).await;
+    let (mut good, good_status) = alerts(0..5);
+    for r in &mut good.records {
+        r.set_tag("area", "allowed");
+    }
+    let (mut denied, denied_status) = alerts(5..6);
+    denied.records[0].set_tag("area", "denied");
+    sink.out.send(good).await.expect("send");
+    sink.out.send(denied).await.expect("send");
+    let mut dead = tokio::time::timeout(Duration::from_secs(10), sink.dead.recv())
+        .await
+        .expect("dead-lettered in time")
+        .expect("dead letter");
+    assert_eq!(dead.len(), 1);
+    let error = dead.records[0].meta.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("refused") && error.contains("NotAuthorized"),
+        "{error}"
+    );
+    dead.finalize(BatchStatus::Delivered);
+    for (name, status, want) in [
+        ("allowed", good_status, BatchStatus::Delivered),
+        ("denied", denied_status, BatchStatus::Rejected),
+    ] {
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(10), status)
+                .await
+                .unwrap_or_else(|_| panic!("{name} batch resolved in time")),
+            want,
+            "{name} batch"
+        );
+    }
+    assert_eq!(sink.metrics.records_out.load(Ordering::Relaxed), 5);
+    drop(sink.out);
+    tokio::time::timeout(Duration::from_secs(10), sink.task)
+        .await
+        .expect("sink stops")
+        .expect("task")
+        .expect("sink ok");
+}
