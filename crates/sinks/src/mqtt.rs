@@ -16,7 +16,9 @@
 //! to the sink's `dead_letter` output (Rejected), and so do records whose topic a broker would
 //! refuse: empty, longer than 65,535 bytes, holding a control character (U+0000–U+001F,
 //! U+007F–U+009F) or a wildcard (`+`, `#`), and records whose PUBLISH would exceed
-//! `max_packet_size`.
+//! `max_packet_size`. With MQTT 5, a publish the broker refuses (a PUBACK / PUBCOMP with a
+//! failure reason, e.g. `NotAuthorized` from an ACL) is dead-lettered with that reason; MQTT
+//! 3.1.1 has no reason codes, and a broker drops a refused publish silently.
 //!
 //! The sink uses a clean session and keeps every unconfirmed publish itself: after a
 //! reconnect it publishes them again on the new connection (at-least-once; a message the
