@@ -82,6 +82,8 @@ enum Notify {
     Source(oneshot::Sender<BatchStatus>),
     /// A [`Watch`] (and the finalizers following it).
     Watch(Arc<WatchState>),
+    /// Entry `id` of a [`Tracker`].
+    Tracked(Arc<Tracker>, u64),
     /// Already told.
     Done,
 }
@@ -95,6 +97,7 @@ impl Drop for Shared {
                 let _ = tx.send(status);
             }
             Notify::Watch(w) => w.resolve(status),
+            Notify::Tracked(t, id) => t.resolve(id, status),
             Notify::Done => {}
         }
     }
@@ -319,6 +322,56 @@ impl Watch {
                 finalizers.finish(s);
             }
         }
+    }
+}
+
+/// Collects the final statuses of many finalizers by number, for a component that keeps
+/// thousands of units in flight without a task or channel per unit (the disk buffer).
+///
+/// ```
+/// use sluice_core::ack::{BatchStatus, Tracker};
+/// let tracker = Tracker::new(|| {});
+/// let f = tracker.finalizer(7);
+/// assert!(tracker.take_resolved().is_empty());
+/// f.finish(BatchStatus::Delivered);
+/// assert_eq!(tracker.take_resolved(), vec![(7, BatchStatus::Delivered)]);
+/// ```
+pub struct Tracker {
+    resolved: Mutex<Vec<(u64, BatchStatus)>>,
+    wake: Box<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker").finish_non_exhaustive()
+    }
+}
+
+impl Tracker {
+    /// A tracker that calls `wake` each time an entry resolves.
+    pub fn new(wake: impl Fn() + Send + Sync + 'static) -> Arc<Tracker> {
+        Arc::new(Tracker {
+            resolved: Mutex::new(Vec::new()),
+            wake: Box::new(wake),
+        })
+    }
+
+    /// A finalizer whose final status is reported as entry `id`.
+    pub fn finalizer(self: &Arc<Self>, id: u64) -> Finalizer {
+        Finalizer::new(Notify::Tracked(self.clone(), id))
+    }
+
+    /// The entries resolved since the last call, in resolution order.
+    pub fn take_resolved(&self) -> Vec<(u64, BatchStatus)> {
+        std::mem::take(&mut *self.resolved.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn resolve(&self, id: u64, status: BatchStatus) {
+        self.resolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, status));
+        (self.wake)();
     }
 }
 

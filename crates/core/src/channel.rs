@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::ack::BatchStatus;
+use crate::config::ByteSize;
 use crate::metrics::ComponentMetrics;
 use crate::record::Batch;
 
@@ -34,27 +35,67 @@ pub enum WhenFull {
     DropNewest,
 }
 
-/// Input buffer of a transform or sink (`buffer = { max_batches = 16, when_full = "block" }`).
+/// Where a buffer keeps its batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferType {
+    /// In memory, at most `max_batches` batches (the default). Upstream acknowledgements wait
+    /// until the consumer has delivered the records.
+    #[default]
+    Memory,
+    /// On disk, in the pipeline's data directory ([`crate::disk_buffer`]). Records are
+    /// acknowledged upstream once durably appended; the buffer keeps each one until the
+    /// consumer's outputs resolve it, and replays what is not resolved after a restart.
+    Disk,
+}
+
+/// Input buffer of a transform or sink:
+/// `buffer = { max_batches = 16, when_full = "block" }` or
+/// `buffer = { type = "disk", max_size = "2GiB" }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BufferConfig {
-    /// Maximum number of batches waiting in the buffer. Default 16.
+    /// `memory` (default) or `disk`.
+    #[serde(default, rename = "type")]
+    pub kind: BufferType,
+    /// Maximum number of batches waiting in memory (for a disk buffer: read ahead from disk
+    /// for the consumer). Default 16.
     #[serde(default = "default_max_batches")]
     pub max_batches: usize,
     /// What to do when the buffer is full: `block` (default) or `drop_newest`.
     #[serde(default)]
     pub when_full: WhenFull,
+    /// Disk buffers: the most disk space the buffer's files may take. Default "2GiB".
+    #[serde(default = "default_max_size")]
+    pub max_size: ByteSize,
+    /// Disk buffers: `fsync` after each group of appended batches before acknowledging them
+    /// upstream (default `true`: an acknowledged record survives a power loss). With `false`
+    /// the data reaches the OS before the acknowledgement, which survives a crash or
+    /// `kill -9` of sluice but not of the machine.
+    #[serde(default = "default_fsync")]
+    pub fsync: bool,
 }
 
 fn default_max_batches() -> usize {
     16
 }
 
+fn default_max_size() -> ByteSize {
+    ByteSize(2 << 30)
+}
+
+fn default_fsync() -> bool {
+    true
+}
+
 impl Default for BufferConfig {
     fn default() -> Self {
         BufferConfig {
+            kind: BufferType::Memory,
             max_batches: default_max_batches(),
             when_full: WhenFull::Block,
+            max_size: default_max_size(),
+            fsync: default_fsync(),
         }
     }
 }
@@ -67,6 +108,14 @@ pub struct Input {
 }
 
 impl Input {
+    /// An input fed by `rx` (a disk buffer's reader), counted in `metrics`.
+    pub(crate) fn from_receiver(
+        rx: mpsc::Receiver<Batch>,
+        metrics: Arc<ComponentMetrics>,
+    ) -> Input {
+        Input { rx, metrics }
+    }
+
     /// Receives the next batch; `None` once every upstream is finished.
     pub async fn recv(&mut self) -> Option<Batch> {
         let batch = self.rx.recv().await?;
@@ -79,9 +128,17 @@ impl Input {
 /// The sending half toward one consumer, as held by one upstream output.
 #[derive(Debug, Clone)]
 pub struct Edge {
-    tx: mpsc::Sender<Batch>,
+    to: EdgeTo,
     when_full: WhenFull,
     consumer: Arc<ComponentMetrics>,
+}
+
+#[derive(Debug, Clone)]
+enum EdgeTo {
+    /// The consumer's in-memory channel.
+    Memory(mpsc::Sender<Batch>),
+    /// The consumer's disk buffer.
+    Disk(crate::disk_buffer::Appender),
 }
 
 /// Creates a consumer's input buffer and the edge upstream outputs send into.
@@ -91,7 +148,7 @@ pub fn buffer(config: BufferConfig, consumer: Arc<ComponentMetrics>) -> (Edge, I
     let (tx, rx) = mpsc::channel(cap);
     (
         Edge {
-            tx,
+            to: EdgeTo::Memory(tx),
             when_full: config.when_full,
             consumer: consumer.clone(),
         },
@@ -103,12 +160,28 @@ pub fn buffer(config: BufferConfig, consumer: Arc<ComponentMetrics>) -> (Edge, I
 }
 
 impl Edge {
+    /// The edge into a disk buffer (see [`crate::disk_buffer::open`]).
+    pub(crate) fn disk(
+        appender: crate::disk_buffer::Appender,
+        consumer: Arc<ComponentMetrics>,
+    ) -> Edge {
+        Edge {
+            to: EdgeTo::Disk(appender),
+            when_full: WhenFull::Block,
+            consumer,
+        }
+    }
+
     async fn send(&self, batch: Batch) -> Result<(), Closed> {
+        let tx = match &self.to {
+            EdgeTo::Memory(tx) => tx,
+            EdgeTo::Disk(appender) => return appender.append(batch).await,
+        };
         // Count before sending: the receiver may take the batch (and decrement) immediately.
         self.consumer.buffered.fetch_add(1, Ordering::Relaxed);
         let result = match self.when_full {
-            WhenFull::Block => self.tx.send(batch).await.map_err(|_| Closed),
-            WhenFull::DropNewest => match self.tx.try_send(batch) {
+            WhenFull::Block => tx.send(batch).await.map_err(|_| Closed),
+            WhenFull::DropNewest => match tx.try_send(batch) {
                 Ok(()) => Ok(()),
                 Err(mpsc::error::TrySendError::Full(mut b)) => {
                     self.consumer.buffered.fetch_sub(1, Ordering::Relaxed);
@@ -287,6 +360,7 @@ mod tests {
         let cfg = BufferConfig {
             max_batches: 1,
             when_full: WhenFull::Block,
+            ..BufferConfig::default()
         };
         let (e, mut i, m) = consumer("slow", cfg);
         let out = Output::new(vec![e]);
@@ -313,6 +387,7 @@ mod tests {
         let cfg = BufferConfig {
             max_batches: 1,
             when_full: WhenFull::DropNewest,
+            ..BufferConfig::default()
         };
         let (e, _i, m) = consumer("lossy", cfg);
         let out = Output::new(vec![e]);

@@ -284,6 +284,12 @@ pub struct PipelineSettings {
     /// tasks are aborted and sluice exits non-zero. Default "30s".
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
+    /// Where components keep state across restarts (disk buffers: one subdirectory per
+    /// pipeline id and component, `<data_dir>/<id>/<component>/buffer`). Default:
+    /// `$SLUICE_DATA_DIR` when set, else `sluice-data` in the working directory. Relative paths
+    /// are taken from the working directory.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
 }
 
 fn default_shutdown_timeout() -> HumanDuration {
@@ -295,6 +301,7 @@ impl Default for PipelineSettings {
         PipelineSettings {
             id: None,
             shutdown_timeout: default_shutdown_timeout(),
+            data_dir: None,
         }
     }
 }
@@ -351,6 +358,20 @@ impl PipelineConfig {
     /// The pipeline's id (settings, or the given default).
     pub fn id(&self) -> &str {
         self.settings.id.as_deref().unwrap_or("sluice")
+    }
+
+    /// The data directory: `[pipeline] data_dir`, else `$SLUICE_DATA_DIR`, else `sluice-data`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.settings
+            .data_dir
+            .clone()
+            .or_else(|| std::env::var_os("SLUICE_DATA_DIR").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("sluice-data"))
+    }
+
+    /// The directory of component `name`'s state.
+    pub fn component_dir(&self, name: &str) -> PathBuf {
+        self.data_dir().join(self.id()).join(name)
     }
 }
 

@@ -5,7 +5,7 @@
 //! * [`record`]: the [`Record`](record::Record) model and [`Batch`](record::Batch)es;
 //! * [`ack`]: end-to-end acknowledgements ([`Finalizer`](ack::Finalizer), ordered release);
 //! * [`source`], [`transform`], [`sink`]: the component traits (the plugin API);
-//! * [`channel`]: bounded edges with backpressure;
+//! * [`channel`]: bounded edges with backpressure; [`disk_buffer`]: durable edges;
 //! * [`config`], [`registry`], [`topology`]: pipeline files → validated plan → running tasks;
 //! * [`decode`], [`topic`], [`json`]: payload decoding shared by sources, the record JSON shape;
 //! * [`metrics`]: per-component counters, Prometheus text and the rate line.
@@ -14,6 +14,7 @@ pub mod ack;
 pub mod channel;
 pub mod config;
 pub mod decode;
+pub mod disk_buffer;
 pub mod json;
 pub mod line_protocol;
 pub mod metrics;

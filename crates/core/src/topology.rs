@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::{self, Edge, Input, Output, Outputs, DEAD_LETTER, DEFAULT_OUTPUT};
+use crate::channel::{self, BufferType, Edge, Input, Output, Outputs, DEAD_LETTER, DEFAULT_OUTPUT};
 use crate::config::{ComponentDecl, ConfigError, PipelineConfig};
 use crate::metrics::{Kind, Metrics};
 use crate::record::Batch;
@@ -395,7 +395,21 @@ impl Plan {
                 inputs.push(None);
                 continue;
             }
-            let (edge, input) = channel::buffer(n.decl.buffer, comp_metrics[i].clone());
+            let (edge, input) = match n.decl.buffer.kind {
+                BufferType::Memory => channel::buffer(n.decl.buffer, comp_metrics[i].clone()),
+                BufferType::Disk => {
+                    let dir = self.config.component_dir(&n.decl.name).join("buffer");
+                    match crate::disk_buffer::open(dir, n.decl.buffer, comp_metrics[i].clone())
+                        .await
+                    {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            errors.push(n.decl.error(Some("buffer"), format!("cannot start: {e}")));
+                            continue;
+                        }
+                    }
+                }
+            };
             inputs.push(Some(input));
             for (p, output) in &n.inputs {
                 edges_to
@@ -403,6 +417,9 @@ impl Plan {
                     .or_default()
                     .push(edge.clone());
             }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
         }
         let mut outputs: Vec<Outputs> = Vec::new();
         for (i, n) in self.nodes.iter().enumerate() {

@@ -1,0 +1,818 @@
+//! Disk buffers: `buffer = { type = "disk", max_size = "2GiB" }` on a transform or sink input.
+//!
+//! A disk buffer decouples a consumer that holds records for long (an hour-long window, a
+//! parquet file open for minutes, a sink whose server is down) from the source's
+//! acknowledgement window. Upstream, a batch is **acknowledged once durably appended**: the
+//! writer thread appends every batch waiting (group commit), calls `fdatasync` once
+//! (`fsync = true`, the default) and only then finishes the batches' finalizers. Downstream,
+//! the reader thread reads frames back, gives each read batch a finalizer of its own and
+//! keeps the byte range until that finalizer resolves: Delivered or Rejected releases it,
+//! Errored replays it (after a growing delay, without bound: an outage is retried until it
+//! ends; poison records are for the consumer to reject). Released space is reclaimed a
+//! segment at a time.
+//!
+//! On restart every unreleased byte range is replayed (at-least-once). The released position is
+//! persisted (a contiguous prefix, written at most every 200 ms), so what is replayed after a
+//! crash is what was not yet released, plus whatever was released after the last write of the
+//! position or out of order behind an unreleased range (duplicates, never losses).
+//!
+//! Files, in `<data_dir>/<pipeline id>/<component>/buffer/`: `NNN.seg` segments of checksummed
+//! frames ([`codec`]), `released` (the position below which everything is released) and `lock`
+//! (one process per directory). A torn tail left by `kill -9` is cut at start; a damaged frame
+//! is counted (`disk_buffer_corrupt_total`), logged and skipped, never a panic or a stop.
+//!
+//! Memory does not grow with the backlog: the reader reads at most `max_batches` batches
+//! ahead of the consumer, and keeps 40 bytes per read batch still in flight downstream (a read
+//! batch holds up to 1,024 records; at most ~40 MB per million in-flight batches in the worst
+//! case of one record per batch, ~40 KB per million records at full batches).
+//!
+//! Disk use is bounded by `max_size` for unreleased data, plus at most one segment
+//! (`max_size / 8`, between 1 MiB and 128 MiB) that is being reclaimed. When full, the writer
+//! blocks (`when_full = "block"`, the default: backpressure reaches the source, logged once per
+//! episode and shown in the `disk_buffer_full` gauge) or drops the newest batches
+//! (`drop_newest`, counted in `dropped`).
+
+pub mod codec;
+pub mod segment;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::ack::{BatchStatus, Finalizers, Tracker};
+use crate::channel::{BufferConfig, Closed, Edge, Input, WhenFull};
+use crate::metrics::ComponentMetrics;
+use crate::record::Batch;
+use segment::{Found, Reader, Writer};
+
+/// Records per batch read back for the consumer.
+const READ_BATCH_RECORDS: usize = 1024;
+/// Bytes per batch read back.
+const READ_BATCH_BYTES: u64 = 1 << 20;
+/// Bytes appended per group commit at most.
+const GROUP_BYTES: usize = 4 << 20;
+/// How long the reader waits for more frames when it has only a few records to hand out.
+const LINGER: Duration = Duration::from_millis(20);
+
+/// Why a disk buffer could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskBufferError {
+    #[error("disk buffer directory {0}: {1}")]
+    Io(PathBuf, io::Error),
+    #[error("disk buffer directory {0} is in use by another sluice process (lock file {0}/lock); stop it, or give this pipeline another `[pipeline] id` or `data_dir`")]
+    Locked(PathBuf),
+}
+
+/// The sending side of a disk buffer, held by upstream outputs.
+#[derive(Debug, Clone)]
+pub struct Appender {
+    tx: mpsc::Sender<Append>,
+}
+
+#[derive(Debug)]
+struct Append {
+    frame: Vec<u8>,
+    finalizers: Finalizers,
+    records: usize,
+}
+
+impl Appender {
+    /// Encodes `batch` and queues it for the writer; its records' finalizers are finished
+    /// (acknowledged upstream) once the frame is durable.
+    pub(crate) async fn append(&self, mut batch: Batch) -> Result<(), Closed> {
+        let mut frame = Vec::with_capacity(64 + batch.size_hint() * 2);
+        codec::encode_frame(&batch, crate::topology::now_ns(), &mut frame);
+        let mut finalizers = Finalizers::new();
+        for r in &mut batch.records {
+            finalizers.merge(std::mem::take(&mut r.finalizers));
+        }
+        let append = Append {
+            frame,
+            finalizers,
+            records: batch.records.len(),
+        };
+        drop(batch);
+        self.tx.send(append).await.map_err(|_| Closed)
+    }
+}
+
+struct State {
+    /// Segment start → bytes committed in it.
+    segments: BTreeMap<u64, u64>,
+    /// Everything below is durable and may be read.
+    committed: u64,
+    /// Everything below is released.
+    released: u64,
+    writer_done: bool,
+}
+
+struct Shared {
+    dir: PathBuf,
+    state: Mutex<State>,
+    changed: Condvar,
+    metrics: Arc<ComponentMetrics>,
+    bytes: Arc<AtomicI64>,
+    records: Arc<AtomicI64>,
+    oldest_age: Arc<AtomicI64>,
+    replays: Arc<AtomicI64>,
+    corrupt: Arc<AtomicI64>,
+    full: Arc<AtomicI64>,
+    /// Keeps the directory locked while either thread runs.
+    _lock: File,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Opens (or creates) the disk buffer in `dir` for the consumer counted in `metrics`, recovers
+/// what a previous run left, and starts its writer and reader threads. Returns the edge
+/// upstream outputs send into and the consumer's input.
+pub async fn open(
+    dir: PathBuf,
+    config: BufferConfig,
+    metrics: Arc<ComponentMetrics>,
+) -> Result<(Edge, Input), DiskBufferError> {
+    let d = dir.clone();
+    let m = metrics.clone();
+    tokio::task::spawn_blocking(move || open_blocking(d, config, m))
+        .await
+        .map_err(|e| DiskBufferError::Io(dir, io::Error::other(e.to_string())))?
+}
+
+fn open_blocking(
+    dir: PathBuf,
+    config: BufferConfig,
+    metrics: Arc<ComponentMetrics>,
+) -> Result<(Edge, Input), DiskBufferError> {
+    let io_err = |e: io::Error| DiskBufferError::Io(dir.clone(), e);
+    fs::create_dir_all(&dir).map_err(io_err)?;
+    let lock = lock_dir(&dir)?;
+    let released = read_released(&dir);
+    let mut segments = segment::list(&dir).map_err(io_err)?;
+
+    // Cut a torn tail of the newest segment (a crash mid-append).
+    if let Some((&last, &len)) = segments.iter().next_back() {
+        let path = segment::segment_path(&dir, last);
+        let valid = segment::valid_end(&path).map_err(io_err)?;
+        if valid < len {
+            tracing::warn!(
+                component = %metrics.name,
+                file = %path.display(),
+                cut = len - valid,
+                "disk buffer: cut a torn tail left by an interrupted write"
+            );
+            OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(valid))
+                .map_err(io_err)?;
+            segments.insert(last, valid);
+        }
+    }
+    // Drop segments entirely released.
+    let starts: Vec<u64> = segments.keys().copied().collect();
+    for (i, &start) in starts.iter().enumerate() {
+        let end = starts
+            .get(i + 1)
+            .copied()
+            .unwrap_or(start + segments[&start]);
+        if end <= released {
+            let _ = fs::remove_file(segment::segment_path(&dir, start));
+            segments.remove(&start);
+        }
+    }
+    let end = segments
+        .iter()
+        .next_back()
+        .map_or(0, |(&s, &len)| s + len)
+        .max(released);
+    let first = segments.keys().next().copied().unwrap_or(end);
+    let read_from = released.max(first).min(end);
+    if end > read_from {
+        tracing::info!(
+            component = %metrics.name,
+            dir = %dir.display(),
+            bytes = end - read_from,
+            "disk buffer: replaying records a previous run did not finish"
+        );
+    }
+
+    let segment_size = (config.max_size.0 / 8).clamp(1 << 20, 128 << 20);
+    // A new segment at every start: a file written before a crash is never appended to.
+    let writer = Writer::create(&dir, end, segment_size).map_err(io_err)?;
+    segments.insert(end, 0);
+
+    let shared = Arc::new(Shared {
+        dir: dir.clone(),
+        state: Mutex::new(State {
+            segments,
+            committed: end,
+            released: read_from,
+            writer_done: false,
+        }),
+        changed: Condvar::new(),
+        bytes: metrics.gauge("disk_buffer_bytes"),
+        records: metrics.gauge("disk_buffer_records"),
+        oldest_age: metrics.gauge("disk_buffer_oldest_age_seconds"),
+        replays: metrics.counter("disk_buffer_replays_total"),
+        corrupt: metrics.counter("disk_buffer_corrupt_total"),
+        full: metrics.gauge("disk_buffer_full"),
+        metrics: metrics.clone(),
+        _lock: lock,
+    });
+    shared
+        .bytes
+        .store(disk_bytes(&shared.lock()) as i64, Ordering::Relaxed);
+
+    let cap = config.max_batches.max(1);
+    metrics.buffer_capacity.store(cap, Ordering::Relaxed);
+    let (append_tx, append_rx) = mpsc::channel::<Append>(cap);
+    let (out_tx, out_rx) = mpsc::channel::<Batch>(cap);
+
+    let w = WriterTask {
+        shared: shared.clone(),
+        rx: append_rx,
+        writer,
+        max_size: config.max_size.0,
+        when_full: config.when_full,
+        fsync: config.fsync,
+    };
+    let wake = {
+        let s = Arc::downgrade(&shared);
+        move || {
+            if let Some(s) = s.upgrade() {
+                let _guard = s.lock();
+                s.changed.notify_all();
+            }
+        }
+    };
+    let r = ReaderTask {
+        tracker: Tracker::new(wake),
+        reader: Reader::new(&dir),
+        shared: shared.clone(),
+        tx: Some(out_tx),
+        pos: read_from,
+        pending: VecDeque::new(),
+        base: 0,
+        unresolved: BTreeMap::new(),
+        lost_floor: None,
+        retries: BTreeMap::new(),
+        persisted: read_from,
+        persisted_at: Instant::now(),
+        run_start: end,
+    };
+    let name = &metrics.name;
+    std::thread::Builder::new()
+        .name(format!("buf-w-{name}"))
+        .spawn(move || w.run())
+        .map_err(io_err)?;
+    std::thread::Builder::new()
+        .name(format!("buf-r-{name}"))
+        .spawn(move || r.run())
+        .map_err(io_err)?;
+    Ok((
+        Edge::disk(Appender { tx: append_tx }, metrics.clone()),
+        Input::from_receiver(out_rx, metrics),
+    ))
+}
+
+fn lock_dir(dir: &Path) -> Result<File, DiskBufferError> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DiskBufferError::Io(dir.to_path_buf(), e))?;
+    // A pipeline restarted in the same process may still be releasing the lock: wait a little.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(DiskBufferError::Locked(dir.to_path_buf()))
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(DiskBufferError::Io(dir.to_path_buf(), e))
+            }
+        }
+    }
+}
+
+fn read_released(dir: &Path) -> u64 {
+    match fs::read_to_string(dir.join("released")) {
+        Ok(s) => s.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(dir = %dir.display(), "disk buffer: unreadable `released` file; replaying every segment");
+            0
+        }),
+        Err(_) => 0,
+    }
+}
+
+fn write_released(dir: &Path, pos: u64) -> io::Result<()> {
+    let tmp = dir.join("released.tmp");
+    fs::write(&tmp, format!("{pos}\n"))?;
+    fs::rename(tmp, dir.join("released"))
+}
+
+fn disk_bytes(st: &State) -> u64 {
+    st.segments.values().sum()
+}
+
+struct WriterTask {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Append>,
+    writer: Writer,
+    max_size: u64,
+    when_full: WhenFull,
+    fsync: bool,
+}
+
+impl WriterTask {
+    fn run(mut self) {
+        while let Some(first) = self.rx.blocking_recv() {
+            let mut bytes = first.frame.len();
+            let mut group = vec![first];
+            while bytes < GROUP_BYTES {
+                match self.rx.try_recv() {
+                    Ok(a) => {
+                        bytes += a.frame.len();
+                        group.push(a);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !self.wait_for_room(bytes as u64) {
+                let n: usize = group.iter().map(|a| a.records).sum();
+                self.shared.metrics.add_dropped(n);
+                for a in group {
+                    a.finalizers.finish(BatchStatus::Delivered);
+                }
+                continue;
+            }
+            let ok = self.write(&group);
+            let n: usize = group.iter().map(|a| a.records).sum();
+            if ok {
+                self.shared.records.fetch_add(n as i64, Ordering::Relaxed);
+                for a in group {
+                    a.finalizers.finish(BatchStatus::Delivered);
+                }
+            } else {
+                // Dropped finalizers count as Errored: the source redelivers the batches.
+                self.shared.metrics.add_errors(n);
+                drop(group);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        let mut st = self.shared.lock();
+        st.writer_done = true;
+        self.shared.changed.notify_all();
+    }
+
+    /// Waits until `bytes` more fit under `max_size`; `false` when they are to be dropped.
+    fn wait_for_room(&self, bytes: u64) -> bool {
+        let mut st = self.shared.lock();
+        let live = |st: &State| self.writer.position().saturating_sub(st.released);
+        if live(&st) == 0 || live(&st) + bytes <= self.max_size {
+            return true;
+        }
+        if self.when_full == WhenFull::DropNewest {
+            return false;
+        }
+        tracing::warn!(
+            component = %self.shared.metrics.name,
+            max_size = self.max_size,
+            "disk buffer full: blocking upstream until the consumer releases records"
+        );
+        self.shared.full.store(1, Ordering::Relaxed);
+        while live(&st) > 0 && live(&st) + bytes > self.max_size {
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, Duration::from_secs(1))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        self.shared.full.store(0, Ordering::Relaxed);
+        tracing::info!(component = %self.shared.metrics.name, "disk buffer has room again");
+        true
+    }
+
+    fn write(&mut self, group: &[Append]) -> bool {
+        let mut rolled = Vec::new();
+        let mut result = Ok(());
+        for a in group {
+            let before = self.writer.segment_start();
+            match self.writer.append(&a.frame) {
+                Ok(Some(new)) => rolled.push((before, new)),
+                Ok(None) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_ok() && self.fsync {
+            result = self.writer.sync();
+        }
+        if !rolled.is_empty() && self.fsync {
+            let _ = segment::sync_dir(&self.shared.dir);
+        }
+        let mut st = self.shared.lock();
+        for (old, new) in rolled {
+            st.segments.insert(old, new - old);
+            st.segments.insert(new, 0);
+        }
+        let start = self.writer.segment_start();
+        st.segments.insert(start, self.writer.position() - start);
+        st.committed = self.writer.position();
+        self.shared
+            .bytes
+            .store(disk_bytes(&st) as i64, Ordering::Relaxed);
+        self.shared.changed.notify_all();
+        drop(st);
+        if let Err(e) = result {
+            tracing::error!(
+                component = %self.shared.metrics.name,
+                dir = %self.shared.dir.display(),
+                error = %e,
+                "disk buffer: append failed; the batches are not acknowledged and will be redelivered"
+            );
+            return false;
+        }
+        true
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Pending,
+    Done,
+}
+
+/// One batch handed to the consumer: the byte range it was read from.
+struct Slot {
+    start: u64,
+    end: u64,
+    written_at: i64,
+    records: u32,
+    attempts: u32,
+    state: SlotState,
+}
+
+struct ReaderTask {
+    tracker: Arc<Tracker>,
+    reader: Reader,
+    shared: Arc<Shared>,
+    /// `None` once everything is read and the writer is done (the consumer's input closes).
+    tx: Option<mpsc::Sender<Batch>>,
+    /// Next position to read.
+    pos: u64,
+    /// Slot `base + i` is `pending[i]`.
+    pending: VecDeque<Slot>,
+    base: u64,
+    /// Start positions of slots not yet resolved (with multiplicity).
+    unresolved: BTreeMap<u64, u32>,
+    /// Lowest start of a range that failed after the input closed: never released this run.
+    lost_floor: Option<u64>,
+    /// Errored ranges waiting for their replay: due time → (start, end, attempts, written_at).
+    retries: BTreeMap<Instant, Vec<(u64, u64, u32, i64)>>,
+    persisted: u64,
+    persisted_at: Instant,
+    /// Where this run's writer started: frames below came from a previous run.
+    run_start: u64,
+}
+
+impl ReaderTask {
+    fn run(mut self) {
+        loop {
+            if self.tx.as_ref().is_some_and(mpsc::Sender::is_closed) {
+                break; // the consumer is gone (pipeline torn down)
+            }
+            let mut progressed = self.resolve();
+            progressed |= self.replay_due();
+            self.release(false);
+            if self.tx.is_some() {
+                match self.read() {
+                    Ok(p) => progressed |= p,
+                    Err(e) => {
+                        tracing::error!(component = %self.shared.metrics.name, error = %e, "disk buffer: read failed; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+            if self.tx.is_none() && self.unresolved.is_empty() && self.retries.is_empty() {
+                break;
+            }
+            if !progressed {
+                let wait = self
+                    .retries
+                    .keys()
+                    .next()
+                    .map_or(Duration::from_millis(100), |due| {
+                        due.saturating_duration_since(Instant::now())
+                            .min(Duration::from_millis(100))
+                    });
+                let st = self.shared.lock();
+                let _ = self.shared.changed.wait_timeout(st, wait);
+            }
+        }
+        self.release(true);
+    }
+
+    /// Applies resolved statuses; returns whether any arrived.
+    fn resolve(&mut self) -> bool {
+        let resolved = self.tracker.take_resolved();
+        let any = !resolved.is_empty();
+        for (id, status) in resolved {
+            let Some(slot) = id
+                .checked_sub(self.base)
+                .and_then(|i| self.pending.get_mut(i as usize))
+            else {
+                continue;
+            };
+            if slot.state != SlotState::Pending {
+                continue;
+            }
+            slot.state = SlotState::Done;
+            let (start, end, attempts, written_at, n) = (
+                slot.start,
+                slot.end,
+                slot.attempts,
+                slot.written_at,
+                slot.records,
+            );
+            if status == BatchStatus::Errored {
+                if self.tx.is_some() {
+                    let delay = Duration::from_millis(200)
+                        .saturating_mul(1 << attempts.min(8))
+                        .min(Duration::from_secs(30));
+                    self.retries
+                        .entry(Instant::now() + delay)
+                        .or_default()
+                        .push((start, end, attempts + 1, written_at));
+                    continue; // stays unresolved until the replay resolves
+                }
+                // The consumer's input is closed: keep the range for the next run.
+                self.lost_floor = Some(self.lost_floor.map_or(start, |f| f.min(start)));
+            }
+            self.shared
+                .records
+                .fetch_sub(i64::from(n), Ordering::Relaxed);
+            if let Some(n) = self.unresolved.get_mut(&start) {
+                *n -= 1;
+                if *n == 0 {
+                    self.unresolved.remove(&start);
+                }
+            }
+        }
+        any
+    }
+
+    /// Replays the errored ranges whose delay is over.
+    fn replay_due(&mut self) -> bool {
+        let now = Instant::now();
+        let due: Vec<Instant> = self.retries.range(..=now).map(|(k, _)| *k).collect();
+        let mut any = false;
+        for key in due {
+            for (start, end, attempts, written_at) in self.retries.remove(&key).unwrap_or_default()
+            {
+                any = true;
+                let segments = self.shared.lock().segments.clone();
+                let records = match self.reader.reread(&segments, start, end) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(component = %self.shared.metrics.name, error = %e, "disk buffer: cannot re-read records for replay; retrying");
+                        self.retries
+                            .entry(now + Duration::from_secs(1))
+                            .or_default()
+                            .push((start, end, attempts, written_at));
+                        continue;
+                    }
+                };
+                self.shared.replays.fetch_add(1, Ordering::Relaxed);
+                // The old slot's `unresolved` entry stands for the replay.
+                if let Some(n) = self.unresolved.get_mut(&start) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.unresolved.remove(&start);
+                    }
+                }
+                if !self.hand_out(start, end, written_at, attempts, records) {
+                    return any;
+                }
+            }
+        }
+        any
+    }
+
+    /// Sends one read batch to the consumer with a finalizer tracking `[start, end)`.
+    fn hand_out(
+        &mut self,
+        start: u64,
+        end: u64,
+        written_at: i64,
+        attempts: u32,
+        mut records: Vec<crate::record::Record>,
+    ) -> bool {
+        let id = self.base + self.pending.len() as u64;
+        self.pending.push_back(Slot {
+            start,
+            end,
+            written_at,
+            records: records.len() as u32,
+            attempts,
+            state: SlotState::Pending,
+        });
+        *self.unresolved.entry(start).or_default() += 1;
+        if attempts == 0 && start < self.run_start {
+            // Recovered from a previous run: counted once read (the writer counts new ones).
+            self.shared
+                .records
+                .fetch_add(records.len() as i64, Ordering::Relaxed);
+        }
+        let f = self.tracker.finalizer(id);
+        for r in &mut records {
+            r.finalizers = Finalizers::one(f.clone());
+        }
+        f.finish(BatchStatus::Delivered);
+        let Some(tx) = &self.tx else { return false };
+        self.shared.metrics.buffered.fetch_add(1, Ordering::Relaxed);
+        if tx.blocking_send(Batch::new(records)).is_err() {
+            self.shared.metrics.buffered.fetch_sub(1, Ordering::Relaxed);
+            self.tx = None;
+            return false;
+        }
+        true
+    }
+
+    /// Reads up to one batch of committed frames and hands it out.
+    fn read(&mut self) -> io::Result<bool> {
+        let mut records = Vec::new();
+        let mut start = None;
+        let mut written_at = 0;
+        let mut read_bytes = 0;
+        let mut lingered = false;
+        loop {
+            let (committed, seg, seg_len, next_seg, writer_done) = {
+                let st = self.shared.lock();
+                let Some((&seg, &len)) = st.segments.range(..=self.pos).next_back() else {
+                    break;
+                };
+                let next = st.segments.range(self.pos + 1..).next().map(|(&s, _)| s);
+                (st.committed, seg, len, next, st.writer_done)
+            };
+            let limit = (seg + seg_len).min(committed);
+            let found = if self.pos < limit {
+                self.reader.next(seg, self.pos, limit)?
+            } else {
+                None
+            };
+            match found {
+                Some(Found::Frame {
+                    start: s,
+                    end,
+                    written_at: w,
+                    records: rs,
+                }) => {
+                    if start.is_none() {
+                        start = Some(s);
+                        written_at = w;
+                    }
+                    read_bytes += end - s;
+                    records.extend(rs);
+                    self.pos = end;
+                    if records.len() >= READ_BATCH_RECORDS || read_bytes >= READ_BATCH_BYTES {
+                        break;
+                    }
+                }
+                Some(Found::Skipped {
+                    start: s,
+                    end,
+                    reason,
+                }) => {
+                    self.shared.corrupt.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        component = %self.shared.metrics.name,
+                        dir = %self.shared.dir.display(),
+                        from = s,
+                        to = end,
+                        %reason,
+                        "disk buffer: skipped damaged bytes"
+                    );
+                    if start.is_none() {
+                        // Nothing handed out yet: the damaged range is released with the next.
+                        start = Some(s);
+                    }
+                    self.pos = end;
+                }
+                None => {
+                    if let Some(next) = next_seg {
+                        // End of a finished segment (a torn frame there is skipped too).
+                        if self.pos < seg + seg_len {
+                            self.shared.corrupt.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(component = %self.shared.metrics.name, segment = seg, "disk buffer: skipped a torn frame at the end of a segment");
+                        }
+                        self.pos = next;
+                        continue;
+                    }
+                    if !records.is_empty() && records.len() < 64 && !lingered && !writer_done {
+                        lingered = true;
+                        let st = self.shared.lock();
+                        let _ = self.shared.changed.wait_timeout(st, LINGER);
+                        continue;
+                    }
+                    if writer_done
+                        && self.pos >= committed
+                        && records.is_empty()
+                        && self.retries.is_empty()
+                    {
+                        // Everything is read and nothing more can come: close the input.
+                        self.tx = None;
+                        return Ok(true);
+                    }
+                    break;
+                }
+            }
+        }
+        let Some(start) = start else { return Ok(false) };
+        if records.is_empty() {
+            // Only damage was read: nothing to hand out, nothing to wait for.
+            return Ok(true);
+        }
+        let end = self.pos;
+        self.hand_out(start, end, written_at, 0, records);
+        Ok(true)
+    }
+
+    /// Advances the released position and reclaims segments below it.
+    fn release(&mut self, force: bool) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|s| s.state == SlotState::Done)
+        {
+            self.pending.pop_front();
+            self.base += 1;
+        }
+        let mut released = self.unresolved.keys().next().copied().unwrap_or(self.pos);
+        let retry_min = self.retries.values().flatten().map(|r| r.0).min();
+        for floor in [self.lost_floor, retry_min].into_iter().flatten() {
+            released = released.min(floor);
+        }
+        let oldest = self
+            .pending
+            .iter()
+            .find(|s| s.state == SlotState::Pending)
+            .map(|s| s.written_at);
+        let age = oldest.map_or(0, |w| {
+            (crate::topology::now_ns().saturating_sub(w) / 1_000_000_000).max(0)
+        });
+        self.shared.oldest_age.store(age, Ordering::Relaxed);
+
+        let mut st = self.shared.lock();
+        if released > st.released {
+            st.released = released;
+            // Reclaim finished segments wholly below the released position.
+            let starts: Vec<u64> = st.segments.keys().copied().collect();
+            for pair in starts.windows(2) {
+                if pair[1] <= released
+                    && fs::remove_file(segment::segment_path(&self.shared.dir, pair[0])).is_ok()
+                {
+                    st.segments.remove(&pair[0]);
+                }
+            }
+            self.shared
+                .bytes
+                .store(disk_bytes(&st) as i64, Ordering::Relaxed);
+            self.shared.changed.notify_all();
+        }
+        let released = st.released;
+        drop(st);
+        let due = force || self.persisted_at.elapsed() >= Duration::from_millis(200);
+        if released != self.persisted && due {
+            match write_released(&self.shared.dir, released) {
+                Ok(()) => self.persisted = released,
+                Err(e) => {
+                    tracing::warn!(component = %self.shared.metrics.name, error = %e, "disk buffer: cannot save the released position (records may be replayed after a restart)")
+                }
+            }
+            self.persisted_at = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,263 @@
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::*;
+use crate::ack;
+use crate::channel::{BufferType, Output};
+use crate::metrics::Kind;
+use crate::record::Record;
+
+fn config(max_size: u64) -> BufferConfig {
+    BufferConfig {
+        kind: BufferType::Disk,
+        max_size: crate::config::ByteSize(max_size),
+        ..BufferConfig::default()
+    }
+}
+
+async fn start(dir: &Path, cfg: BufferConfig) -> (Output, Input, Arc<ComponentMetrics>) {
+    let m = Arc::new(ComponentMetrics::new("agg", Kind::Transform));
+    let (edge, input) = open(dir.to_path_buf(), cfg, m.clone()).await.expect("open");
+    (Output::new(vec![edge]), input, m)
+}
+
+/// A batch of `n` records numbered from `first`, with a source finalizer.
+fn batch(first: i64, n: i64) -> (Batch, ack::StatusReceiver) {
+    let (f, status) = ack::batch();
+    let records = (first..first + n)
+        .map(|t| {
+            let mut r = Record::new(t);
+            r.set_tag("device_id", "d1");
+            r.finalizers = Finalizers::one(f.clone());
+            r
+        })
+        .collect();
+    f.finish(BatchStatus::Delivered);
+    (Batch::new(records), status)
+}
+
+async fn recv(input: &mut Input) -> Batch {
+    tokio::time::timeout(Duration::from_secs(20), input.recv())
+        .await
+        .expect("a batch within 20 s")
+        .expect("input open")
+}
+
+fn times(b: &Batch) -> Vec<i64> {
+    b.records.iter().map(|r| r.time).collect()
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn acknowledges_upstream_once_appended_and_replays_errored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, mut input, m) = start(dir.path(), config(1 << 30)).await;
+    let (b, status) = batch(0, 3);
+    out.send(b).await.expect("send");
+    // Upstream is acknowledged before the consumer did anything with the records.
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(20), status)
+            .await
+            .expect("acked"),
+        BatchStatus::Delivered
+    );
+    let mut got = recv(&mut input).await;
+    assert_eq!(times(&got), [0, 1, 2]);
+    // The consumer fails: the same records come again.
+    got.finalize(BatchStatus::Errored);
+    let mut again = recv(&mut input).await;
+    assert_eq!(times(&again), [0, 1, 2]);
+    assert_eq!(
+        m.gauge("disk_buffer_replays_total").load(Ordering::Relaxed),
+        1
+    );
+    again.finalize(BatchStatus::Delivered);
+    let released = |d: &Path| read_released(d);
+    eventually("the released position to be saved", || {
+        released(dir.path()) > 0
+    })
+    .await;
+    assert_eq!(m.gauge("disk_buffer_records").load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn unreleased_records_come_back_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (out, mut input, _) = start(dir.path(), config(1 << 30)).await;
+        let (b, status) = batch(0, 10);
+        out.send(b).await.expect("send");
+        assert_eq!(status.await, BatchStatus::Delivered);
+        // The consumer delivers the first batch...
+        let mut first = recv(&mut input).await;
+        assert_eq!(times(&first), (0..10).collect::<Vec<_>>());
+        first.finalize(BatchStatus::Delivered);
+        eventually("the first batch's release to be saved", || {
+            read_released(dir.path()) > 0
+        })
+        .await;
+        // ...and holds the next four when the process dies, with them unreleased.
+        for i in 1..5 {
+            let (b, status) = batch(i * 10, 10);
+            out.send(b).await.expect("send");
+            assert_eq!(status.await, BatchStatus::Delivered);
+        }
+        let mut rest = Vec::new();
+        while rest.len() < 40 {
+            rest.extend(recv(&mut input).await.records);
+        }
+        // The "process dies": the consumer's input goes away with these in flight; whatever
+        // happens to them later can no longer release them.
+        drop(input);
+        drop(out);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(rest);
+    }
+    let (out, mut input, _) = start(dir.path(), config(1 << 30)).await;
+    let mut seen = Vec::new();
+    while seen.len() < 40 {
+        let mut b = recv(&mut input).await;
+        seen.extend(times(&b));
+        b.finalize(BatchStatus::Delivered);
+    }
+    seen.sort_unstable();
+    // Exactly what was not released before the "crash" comes back.
+    assert_eq!(seen, (10..50).collect::<Vec<_>>());
+    drop(out);
+}
+
+#[tokio::test]
+async fn damage_is_counted_and_skipped_and_the_rest_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (out, input, _) = start(dir.path(), config(1 << 30)).await;
+        drop(input); // nothing is consumed: everything stays on disk
+        for i in 0..6 {
+            let (b, status) = batch(i * 10, 10);
+            out.send(b).await.expect("send");
+            assert_eq!(status.await, BatchStatus::Delivered);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let segs = segment::list(dir.path()).expect("list");
+    let (&seg, &len) = segs
+        .iter()
+        .find(|(_, &l)| l > 0)
+        .expect("a segment with data");
+    let path = segment::segment_path(dir.path(), seg);
+    let mut bytes = fs::read(&path).expect("read");
+    let frame = bytes.len() / 6;
+    bytes[frame * 2 + frame / 2] ^= 0xff; // inside the third frame
+    bytes.truncate(len as usize - 7); // a torn last frame
+    fs::write(&path, &bytes).expect("write");
+
+    let (_out, mut input, m) = start(dir.path(), config(1 << 30)).await;
+    let mut seen = Vec::new();
+    while seen.len() < 40 {
+        let mut b = recv(&mut input).await;
+        seen.extend(times(&b));
+        b.finalize(BatchStatus::Delivered);
+    }
+    seen.sort_unstable();
+    let expected: Vec<i64> = (0..20).chain(30..50).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(
+        m.gauge("disk_buffer_corrupt_total").load(Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_full_buffer_blocks_until_records_are_released() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Room for about two batches of this size.
+    let (out, mut input, m) = start(dir.path(), config(1500)).await;
+    let mut statuses = Vec::new();
+    for i in 0..2 {
+        let (b, s) = batch(i * 20, 20);
+        out.send(b).await.expect("send");
+        statuses.push(s);
+    }
+    for s in statuses {
+        assert_eq!(s.await, BatchStatus::Delivered);
+    }
+    let (b, mut third) = batch(100, 20);
+    out.send(b).await.expect("queued");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(third.try_status(), None, "blocked: the buffer is full");
+    assert_eq!(m.gauge("disk_buffer_full").load(Ordering::Relaxed), 1);
+    // The consumer delivers what it holds: room again.
+    let mut held = Vec::new();
+    while held.iter().map(Batch::len).sum::<usize>() < 40 {
+        held.push(recv(&mut input).await);
+    }
+    for mut b in held {
+        b.finalize(BatchStatus::Delivered);
+    }
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(20), third)
+            .await
+            .expect("unblocked"),
+        BatchStatus::Delivered
+    );
+    assert_eq!(m.gauge("disk_buffer_full").load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn drop_newest_drops_and_counts_when_full() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = BufferConfig {
+        when_full: WhenFull::DropNewest,
+        ..config(700)
+    };
+    let (out, _input, m) = start(dir.path(), cfg).await;
+    for i in 0..4 {
+        let (b, s) = batch(i * 20, 20);
+        out.send(b).await.expect("send");
+        assert_eq!(s.await, BatchStatus::Delivered);
+    }
+    assert!(m.dropped.load(Ordering::Relaxed) >= 20);
+}
+
+#[tokio::test]
+async fn one_process_per_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_out, _input, _) = start(dir.path(), config(1 << 30)).await;
+    let m = Arc::new(ComponentMetrics::new("other", Kind::Sink));
+    let err = open(dir.path().to_path_buf(), config(1 << 30), m)
+        .await
+        .expect_err("locked");
+    assert!(
+        err.to_string().contains("in use by another sluice process"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_input_closes_after_the_last_record_when_upstream_finishes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, mut input, _) = start(dir.path(), config(1 << 30)).await;
+    for i in 0..3 {
+        let (b, _) = batch(i * 5, 5);
+        out.send(b).await.expect("send");
+    }
+    drop(out);
+    let mut n = 0;
+    while let Some(mut b) = tokio::time::timeout(Duration::from_secs(20), input.recv())
+        .await
+        .expect("progress")
+    {
+        n += b.len();
+        b.finalize(BatchStatus::Delivered);
+    }
+    assert_eq!(n, 15);
+}
