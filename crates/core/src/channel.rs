@@ -105,6 +105,8 @@ impl Default for BufferConfig {
 pub struct Input {
     rx: mpsc::Receiver<Batch>,
     metrics: Arc<ComponentMetrics>,
+    /// Set by a disk buffer that closed the input at shutdown with records still on disk.
+    abandoned: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Input {
@@ -112,8 +114,23 @@ impl Input {
     pub(crate) fn from_receiver(
         rx: mpsc::Receiver<Batch>,
         metrics: Arc<ComponentMetrics>,
+        abandoned: Arc<std::sync::atomic::AtomicBool>,
     ) -> Input {
-        Input { rx, metrics }
+        Input {
+            rx,
+            metrics,
+            abandoned: Some(abandoned),
+        }
+    }
+
+    /// Whether the input ended because the pipeline is shutting down while a disk buffer
+    /// still holds records for it (they are replayed at the next start). A transform then
+    /// drops its open state (windows) instead of flushing it as partial output: the records
+    /// it holds are not released and come back.
+    pub fn abandoned(&self) -> bool {
+        self.abandoned
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::Acquire))
     }
 
     /// Receives the next batch; `None` once every upstream is finished.
@@ -155,6 +172,7 @@ pub fn buffer(config: BufferConfig, consumer: Arc<ComponentMetrics>) -> (Edge, I
         Input {
             rx,
             metrics: consumer,
+            abandoned: None,
         },
     )
 }

@@ -44,6 +44,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::ack::{BatchStatus, Finalizers, Tracker};
 use crate::channel::{BufferConfig, Closed, Edge, Input, WhenFull};
@@ -136,14 +137,19 @@ impl Shared {
 /// Opens (or creates) the disk buffer in `dir` for the consumer counted in `metrics`, recovers
 /// what a previous run left, and starts its writer and reader threads. Returns the edge
 /// upstream outputs send into and the consumer's input.
+///
+/// When `shutdown` is cancelled the reader stops handing out records and closes the input as
+/// [abandoned](Input::abandoned): what is still on disk, or in flight downstream and not
+/// delivered by then, is replayed at the next start.
 pub async fn open(
     dir: PathBuf,
     config: BufferConfig,
     metrics: Arc<ComponentMetrics>,
+    shutdown: CancellationToken,
 ) -> Result<(Edge, Input), DiskBufferError> {
     let d = dir.clone();
     let m = metrics.clone();
-    tokio::task::spawn_blocking(move || open_blocking(d, config, m))
+    tokio::task::spawn_blocking(move || open_blocking(d, config, m, shutdown))
         .await
         .map_err(|e| DiskBufferError::Io(dir, io::Error::other(e.to_string())))?
 }
@@ -152,6 +158,7 @@ fn open_blocking(
     dir: PathBuf,
     config: BufferConfig,
     metrics: Arc<ComponentMetrics>,
+    shutdown: CancellationToken,
 ) -> Result<(Edge, Input), DiskBufferError> {
     let io_err = |e: io::Error| DiskBufferError::Io(dir.clone(), e);
     fs::create_dir_all(&dir).map_err(io_err)?;
@@ -237,6 +244,7 @@ fn open_blocking(
     metrics.buffer_capacity.store(cap, Ordering::Relaxed);
     let (append_tx, append_rx) = mpsc::channel::<Append>(cap);
     let (out_tx, out_rx) = mpsc::channel::<Batch>(cap);
+    let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     let w = WriterTask {
         shared: shared.clone(),
@@ -269,6 +277,8 @@ fn open_blocking(
         persisted: read_from,
         persisted_at: Instant::now(),
         run_start: end,
+        shutdown,
+        abandoned: abandoned.clone(),
     };
     let name = &metrics.name;
     std::thread::Builder::new()
@@ -281,7 +291,7 @@ fn open_blocking(
         .map_err(io_err)?;
     Ok((
         Edge::disk(Appender { tx: append_tx }, metrics.clone()),
-        Input::from_receiver(out_rx, metrics),
+        Input::from_receiver(out_rx, metrics, abandoned),
     ))
 }
 
@@ -493,6 +503,8 @@ struct ReaderTask {
     persisted_at: Instant,
     /// Where this run's writer started: frames below came from a previous run.
     run_start: u64,
+    shutdown: CancellationToken,
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ReaderTask {
@@ -500,6 +512,20 @@ impl ReaderTask {
         loop {
             if self.tx.as_ref().is_some_and(mpsc::Sender::is_closed) {
                 break; // the consumer is gone (pipeline torn down)
+            }
+            if self.tx.is_some() && self.shutdown.is_cancelled() {
+                // Shutting down: leave the backlog on disk for the next start.
+                self.abandoned.store(true, Ordering::Release);
+                self.tx = None;
+                for (start, ..) in std::mem::take(&mut self.retries).into_values().flatten() {
+                    self.lost_floor = Some(self.lost_floor.map_or(start, |f| f.min(start)));
+                    if let Some(n) = self.unresolved.get_mut(&start) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.unresolved.remove(&start);
+                        }
+                    }
+                }
             }
             let mut progressed = self.resolve();
             progressed |= self.replay_due();

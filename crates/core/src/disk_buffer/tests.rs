@@ -17,7 +17,9 @@ fn config(max_size: u64) -> BufferConfig {
 
 async fn start(dir: &Path, cfg: BufferConfig) -> (Output, Input, Arc<ComponentMetrics>) {
     let m = Arc::new(ComponentMetrics::new("agg", Kind::Transform));
-    let (edge, input) = open(dir.to_path_buf(), cfg, m.clone()).await.expect("open");
+    let (edge, input) = open(dir.to_path_buf(), cfg, m.clone(), CancellationToken::new())
+        .await
+        .expect("open");
     (Output::new(vec![edge]), input, m)
 }
 
@@ -233,9 +235,14 @@ async fn one_process_per_directory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_out, _input, _) = start(dir.path(), config(1 << 30)).await;
     let m = Arc::new(ComponentMetrics::new("other", Kind::Sink));
-    let err = open(dir.path().to_path_buf(), config(1 << 30), m)
-        .await
-        .expect_err("locked");
+    let err = open(
+        dir.path().to_path_buf(),
+        config(1 << 30),
+        m,
+        CancellationToken::new(),
+    )
+    .await
+    .expect_err("locked");
     assert!(
         err.to_string().contains("in use by another sluice process"),
         "{err}"

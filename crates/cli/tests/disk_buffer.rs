@@ -1,0 +1,206 @@
+//! A disk buffer in front of an hour-long window, through the real binary and mosquitto.
+//!
+//! `mqtt` (QoS 1, `max_inflight = 100`, like AWS IoT Core's limit) feeds a raw `file` sink and,
+//! through a disk-buffered `dedupe` → `aggregate` (`window = "1h"`), an hourly rollup. Without
+//! the buffer the window holds every input's acknowledgement for an hour, the source's 100
+//! in-flight slots fill and the whole pipeline stops after 100 messages. With it:
+//! * the raw sink receives every message while the window is still open;
+//! * the pipeline is killed with SIGKILL, restarted, stopped with SIGINT (no partial rollup may
+//!   be flushed then) and restarted again; after all of that the one hourly rollup equals a
+//!   recomputation from the published data (count and sum), so nothing was lost or counted
+//!   twice across crash, graceful stop and replay.
+//!
+//! Needs the shared mosquitto (`scripts/services.sh start`) and its `mosquitto_pub` client.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_all_present, wait_child, wait_for, written, Sluice};
+
+const STOP: Duration = Duration::from_secs(60);
+const SUBSCRIBED: Option<&str> = Some("subscribed");
+/// Messages published in each of the three runs.
+const PER_RUN: u64 = 3_000;
+/// Start of the hour every message falls in (2025-11-24T16:00:00Z), in ms.
+const HOUR_MS: i64 = 1_764_000_000_000 / 3_600_000 * 3_600_000;
+
+fn require_broker() {
+    if std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:1883".parse().expect("address"),
+        Duration::from_secs(2),
+    )
+    .is_err()
+    {
+        panic!("mosquitto is not listening on 127.0.0.1:1883: run `scripts/services.sh start`");
+    }
+}
+
+fn publish(topic: &str, lines: &str) {
+    let mut publisher = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "1883",
+            "-q",
+            "1",
+            "-l",
+            "-t",
+            topic,
+        ])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (installed by scripts/services.sh start)");
+    publisher
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("feed mosquitto_pub");
+    let status = wait_child(&mut publisher, Duration::from_secs(120), "mosquitto_pub");
+    assert!(status.success(), "mosquitto_pub failed");
+}
+
+/// Messages `from..to` of device `d1`, all inside the hour: `v` = the sequence number.
+fn readings(from: u64, to: u64) -> String {
+    (from..to)
+        .map(|i| {
+            format!(
+                "{{\"ts\":{},\"device_id\":\"d1\",\"seq\":{i},\"v\":{i}}}\n",
+                HOUR_MS + i as i64
+            )
+        })
+        .collect()
+}
+
+/// The rollups (`fields`) written for device `d1`.
+fn rollups(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.pointer("/tags/device_id").and_then(|d| d.as_str()) == Some("d1"))
+        .collect()
+}
+
+#[test]
+fn hour_window_behind_a_disk_buffer_survives_kill_and_restart() {
+    require_broker();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let topic = format!("dbuf-{tag}/telemetry");
+    let raw = dir.path().join("raw.jsonl");
+    let hourly = dir.path().join("hourly.jsonl");
+    let pipeline = dir.path().join("dbuf.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"[pipeline]
+id = "dbuf-{tag}"
+data_dir = "{data}"
+
+[sources.in]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+protocol = "v3.1.1"
+topics = ["{topic}"]
+qos = 1
+max_inflight = 100
+decode = {{ tags = ["device_id"] }}
+
+[sinks.raw]
+type = "file"
+inputs = ["in"]
+path = "{raw}"
+
+[transforms.unique]
+type = "dedupe"
+inputs = ["in"]
+key = ["seq"]
+window = "2h"
+buffer = {{ type = "disk", max_size = "256MiB" }}
+
+[transforms.hourly]
+type = "aggregate"
+inputs = ["unique"]
+window = "1h"
+group_by = ["device_id"]
+fields = {{ v = ["count", "sum"] }}
+
+[sinks.rollups]
+type = "file"
+inputs = ["hourly"]
+path = "{hourly}"
+"#,
+            data = dir.path().join("data").display(),
+            raw = raw.display(),
+            hourly = hourly.display(),
+        ),
+    )
+    .expect("write pipeline");
+
+    // Run 1: the raw sink gets every message although the window holds them all; then SIGKILL.
+    let first = Sluice::start(&pipeline, &[], SUBSCRIBED);
+    publish(&topic, &readings(0, PER_RUN));
+    let seen = wait_for(&raw, PER_RUN as usize, Duration::from_secs(120));
+    assert_all_present(PER_RUN, &seen);
+    first.kill();
+
+    // Run 2: more messages, then a graceful stop: the open window must not be flushed.
+    let second = Sluice::start(&pipeline, &[], SUBSCRIBED);
+    publish(&topic, &readings(PER_RUN, 2 * PER_RUN));
+    let seen = wait_for(&raw, 2 * PER_RUN as usize, Duration::from_secs(120));
+    assert_all_present(2 * PER_RUN, &seen);
+    let exit = second.interrupt(STOP);
+    assert!(exit.success(), "graceful stop after SIGINT: {exit:?}");
+    assert!(
+        rollups(&hourly).is_empty(),
+        "no rollup of the open hour may be written at shutdown: {:?}",
+        rollups(&hourly)
+    );
+
+    // Run 3: the rest, then one reading two hours later (another device) closes the hour.
+    let third = Sluice::start(&pipeline, &[], SUBSCRIBED);
+    let total = 3 * PER_RUN;
+    let mut lines = readings(2 * PER_RUN, total);
+    lines.push_str(&format!(
+        "{{\"ts\":{},\"device_id\":\"closer\",\"seq\":-1,\"v\":0}}\n",
+        HOUR_MS + 2 * 3_600_000 + 5_000
+    ));
+    publish(&topic, &lines);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rollups(&hourly).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let seen = written(&raw);
+    let exit = third.interrupt(STOP);
+    assert_all_present(total, &seen);
+    let got = rollups(&hourly);
+    let expected_sum: u64 = (0..total).sum();
+    eprintln!(
+        "disk buffer test: {total} messages over 3 runs (kill -9, SIGINT), raw distinct {}, rollups {got:?}",
+        seen.len()
+    );
+    assert_eq!(got.len(), 1, "exactly one rollup of the hour: {got:?}");
+    assert_eq!(
+        got[0].pointer("/fields/v_count").and_then(|v| v.as_f64()),
+        Some(total as f64)
+    );
+    assert_eq!(
+        got[0].pointer("/fields/v_sum").and_then(|v| v.as_f64()),
+        Some(expected_sum as f64)
+    );
+    assert!(exit.success(), "graceful stop after SIGINT: {exit:?}");
+}
