@@ -704,6 +704,32 @@ impl EventLoop {
         Some(write_acks_v4(el, acks).await)
     }
 
+    /// Incoming traffic proves the connection alive. A poller that stops reading for a while
+    /// (backpressure) leaves the broker's PINGRESP queued behind messages it has not read
+    /// yet, and rumqttc would call the next keep-alive tick a missed ping and drop the
+    /// connection (losing what QoS 0 had queued). Call this for each message read: only a
+    /// connection that stays silent for a whole keep-alive period then fails.
+    pub fn saw_traffic(&mut self) {
+        match self {
+            EventLoop::V4(el) => el.state.await_pingresp = false,
+            EventLoop::V5(el) => el.state.await_pingresp = false,
+        }
+    }
+
+    /// Writes a PINGREQ without reading anything, so that the broker's keep-alive (1.5 ×
+    /// `keep_alive` without a packet from us) is met while the poller does not poll
+    /// (backpressure). MQTT 3.1.1 only (rumqttc does not expose the v5 connection): `false`
+    /// when nothing was written.
+    pub async fn ping(&mut self) -> bool {
+        let EventLoop::V4(el) = self else {
+            return false;
+        };
+        let Some(network) = el.network.as_mut() else {
+            return false;
+        };
+        network.write(rumqttc::Packet::PingReq).await.is_ok() && network.flush().await.is_ok()
+    }
+
     /// Drops the network connection; the next poll reconnects.
     pub fn drop_connection(&mut self) {
         match self {

@@ -703,6 +703,12 @@ impl Poller {
         let mut debt = 0usize;
         // v5: acks handed to the client and not yet reported written.
         let mut in_client = 0usize;
+        let keep_alive = self
+            .connector
+            .config()
+            .keep_alive
+            .0
+            .max(Duration::from_secs(1));
         loop {
             // Acks resolved downstream go out before anything more is read.
             if self.send_acks(&mut el, &mut in_client).await {
@@ -736,6 +742,11 @@ impl Poller {
                         _ = self.shared.acks_ready.notified() => {}
                         _ = self.shared.taken.notified() => {}
                         _ = draining.cancelled() => {}
+                        // Not reading, but still talking: the broker drops a client it has
+                        // not heard from for 1.5 × keep_alive (v3.1.1; v5 pings when polled).
+                        _ = tokio::time::sleep(keep_alive / 2), if connected => {
+                            el.ping().await;
+                        }
                     }
                     continue;
                 }
@@ -784,6 +795,9 @@ impl Poller {
                     tracing::debug!(source = %self.name, "subscribed");
                 }
                 Ok(Event::Publish(m)) => {
+                    // Data arrives: the connection is alive even if the PINGRESP is still
+                    // queued behind messages we have not read (see `saw_traffic`).
+                    el.saw_traffic();
                     if draining.is_cancelled() {
                         // Left unacknowledged: redelivered on the next connection.
                         continue;

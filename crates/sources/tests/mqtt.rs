@@ -908,3 +908,57 @@ async fn poison_record_is_dead_lettered_after_max_redeliveries() {
         later.stop().await.expect("clean stop");
     }
 }
+
+/// Issue 13, item 9d: a QoS 0 stream into a slow pipeline. The source stops reading when its
+/// window is full (TCP pushes back on the broker), yet keeps its connection: no keep-alive
+/// failure (the broker's PINGRESP waits behind unread messages), no reconnect, and the
+/// messages it holds stay within its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_into_a_slow_sink_keeps_the_connection_and_stays_bounded() {
+    testing::require_broker();
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let topic = testing::unique("qos0-slow");
+        let mut c = config(BROKER, &[&topic], protocol, 0);
+        c.connection.keep_alive = sluice_core::config::HumanDuration(Duration::from_secs(1));
+        c.max_inflight = 200;
+        c.batch_size = 50;
+        let mut src = start(&c, "qos0-slow").await;
+        src.subscribed().await;
+        let n = 40_000i64;
+        // Published in one go, far faster than the "sink" below takes them (~2,500/s).
+        let publisher = tokio::spawn(testing::publish(
+            BROKER,
+            0,
+            json_messages(|_| topic.clone(), 0..n),
+        ));
+        let (mut got, mut held_max) = (0usize, 0i64);
+        let until = tokio::time::Instant::now() + Duration::from_secs(8);
+        while tokio::time::Instant::now() < until {
+            let Ok(Some(mut b)) =
+                tokio::time::timeout(Duration::from_secs(5), src.input.recv()).await
+            else {
+                break;
+            };
+            got += b.len();
+            b.finalize(BatchStatus::Delivered);
+            // Read from the broker but not yet handed downstream.
+            let read = src.metrics.counter("messages").load(Ordering::Relaxed);
+            let out = src.metrics.records_out.load(Ordering::Relaxed) as i64;
+            held_max = held_max.max(read - out);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(got > 1_000, "{protocol:?}: only {got} records arrived");
+        assert_eq!(
+            src.metrics.counter("reconnects").load(Ordering::Relaxed),
+            0,
+            "{protocol:?}: the source kept its connection under backpressure"
+        );
+        assert_eq!(src.gauge("connected"), 1, "{protocol:?}");
+        assert!(
+            held_max <= 200 + 64,
+            "{protocol:?}: the source held {held_max} messages (window 200)"
+        );
+        src.stop().await.expect("clean stop");
+        publisher.abort();
+    }
+}
