@@ -83,7 +83,7 @@ pub struct ConnectionConfig {
     #[serde(default = "default_session_expiry")]
     pub session_expiry: HumanDuration,
     /// Keep-alive interval (PINGREQ when idle; the broker drops the connection after 1.5×).
-    /// Default "30s".
+    /// At least 1 s (v3.1.1) or 5 s (v5). Default "30s".
     #[serde(default = "default_keep_alive")]
     pub keep_alive: HumanDuration,
     /// User name. Default: none.
@@ -417,7 +417,8 @@ impl Connector {
             }
             Protocol::V5 => {
                 let mut o = v5::MqttOptions::new(&self.client_id, &self.host, self.port);
-                o.set_keep_alive(keep_alive)
+                // rumqttc's v5 client panics below 5 s.
+                o.set_keep_alive(keep_alive.max(Duration::from_secs(5)))
                     .set_clean_start(s.clean_session)
                     .set_manual_acks(s.manual_acks)
                     .set_max_packet_size(Some(max_packet as u32))
