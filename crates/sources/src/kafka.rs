@@ -21,6 +21,12 @@
 //! and reads the range again (later records of that partition are read again too:
 //! at-least-once).
 //!
+//! **Poison records.** Failed deliveries are counted per (topic, partition, offset) in a
+//! bounded in-memory map (after a failure each record re-read is followed on its own, so only
+//! the records that fail again are counted). A record that failed more than
+//! `max_redeliveries` times (default 10, 0 = unlimited) goes to `dead_letter` with the reason
+//! and the count instead, and the partition's commit moves past it once that resolves.
+//!
 //! **Rebalance.** When partitions are revoked the consumer waits (at most `drain_timeout`)
 //! for their records in flight, commits their watermarks, and only then lets the group move
 //! them; records still unfinished at the deadline are simply not committed and the next owner
@@ -31,7 +37,9 @@
 //! run there and may block while they drain); it hands batches to the async source task
 //! through a bounded channel, so a slow pipeline stops the polling (backpressure). If the
 //! pipeline stays blocked longer than `max.poll.interval.ms` (librdkafka default 5 minutes)
-//! the group moves the partitions elsewhere; nothing uncommitted is lost.
+//! the group moves the partitions elsewhere; nothing uncommitted is lost. During the shutdown
+//! drain the thread keeps polling with every partition paused, so a slow drain does not get
+//! the member evicted (its final commit would fail).
 //!
 //! **Tags.** A record's tags come from the payload (`decode.tags`), the message headers
 //! (`headers_as_tags`), the key (`key_tag`) and the topic (`decode.topic_pattern`); when two
@@ -40,7 +48,8 @@
 //! topic like `{tenant_id}` assigns).
 //!
 //! **Metrics.** records in, bytes, decode errors (to `dead_letter`), `commits`,
-//! `commit_failures`, `rebalances`, `seeks` (errored ranges re-read), `assigned_partitions`,
+//! `commit_failures`, `rebalances`, `seeks` (errored ranges re-read), `poisoned` (records
+//! dead-lettered by `max_redeliveries`), `assigned_partitions`,
 //! and `consumer_lag{topic, partition}` from librdkafka's statistics (every 5 s).
 
 use std::collections::HashMap;

@@ -56,10 +56,23 @@
 //! one (e.g. 2000) uses less memory and drains QoS 0 faster, at the price of more waiting for
 //! acks. After a crash, at most the window comes back as duplicates.
 //!
+//! **Poison messages.** A QoS 1/2 message whose delivery fails every time would come back
+//! forever and hold back every message behind it (acks keep order). The source counts failed
+//! deliveries per (topic, payload) in a bounded in-memory map (after a failed batch it follows
+//! each message on its own, so only the ones that fail again are counted); once a message failed
+//! more than `max_redeliveries` times (default 10, 0 = unlimited) it goes to `dead_letter` with
+//! the reason and the count, and is acknowledged once that resolves (metric `poisoned`).
+//!
+//! **Keep-alive under backpressure.** While the window is full the poller does not read, so
+//! the broker's PINGRESP waits behind unread messages: incoming messages count as proof of
+//! life, and (v3.1.1) the poller writes a PINGREQ every `keep_alive / 2` while it waits, so a
+//! slow pipeline never costs the connection (nor the QoS 0 messages queued for it).
+//!
 //! **Metrics**: `connected` (0/1), `subscribed` (0/1, after the SUBACK), `reconnects`,
 //! `messages`, `inflight` (QoS 1/2 messages not yet acknowledged), `acks_dropped` (acks of a
 //! lost connection: those messages come again), `ack_retries` (v5 acks that waited for room in
-//! the client's queue), and the standard `bytes`.
+//! the client's queue), `poisoned` (messages dead-lettered by `max_redeliveries`), and the
+//! standard `bytes`.
 //!
 //! **Structure.** A poller task polls rumqttc's event loop, writes acks, and hands whole reads
 //! of messages to the source task, which decodes and sends them; an acknowledgement task
@@ -530,11 +543,13 @@ impl Source for MqttSource {
                 });
             }
             tokio::select! {
+                // Shutdown first: downstream closing during a shutdown is not a failure.
+                biased;
+                _ = shutdown.cancelled() => break,
                 res = decoded.send(&out) => if let Err(e) = res {
                     send_failed = Some(e);
                     break;
                 },
-                _ = shutdown.cancelled() => break,
             }
             shared.window.add_permits(qos0);
         }

@@ -42,6 +42,11 @@
 //! `"delete"` there. A crash before the delete means the message comes back after
 //! `visibility_timeout`: delivery is at-least-once.
 //!
+//! **Poison messages.** A message whose `ApproximateReceiveCount` exceeds
+//! `max_redeliveries + 1` (default 10, 0 = unlimited) is not decoded but sent to `dead_letter`
+//! with the reason and the count, and deleted once that resolves (whatever `on_rejected`
+//! says); metric `poisoned`.
+//!
 //! **Visibility extension.** Messages still in flight after a third of `visibility_timeout`
 //! get their visibility set to another `visibility_timeout` (repeatedly), so a slow sink does
 //! not make the queue hand them out a second time. The calls run beside the acknowledgement
