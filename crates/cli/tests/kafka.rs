@@ -7,13 +7,20 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{assert_all_present, duplicates, wait_for, written, Sluice};
-use sluice_sinks::kafka_testing::{consume, create_topic, produce, require_kafka, unique};
+use sluice_core::ack::BatchStatus;
+use sluice_core::config::HumanDuration;
+use sluice_core::record::Origin;
+use sluice_core::testing::SourceHarness;
+use sluice_sinks::kafka_testing::{
+    committed, consume, create_topic, produce, require_kafka, unique, BOOTSTRAP,
+};
+use sluice_sources::kafka::KafkaSourceConfig;
 
 /// How long a graceful stop may take before the test fails.
 const STOP: Duration = Duration::from_secs(60);
@@ -284,4 +291,162 @@ batch = {{ max_records = 200, max_age = "100ms" }}
     );
     assert_all_present(MESSAGES, &union);
     assert!(exit.success(), "graceful stop of the survivor: {exit:?}");
+}
+
+/// A kafka source on `topic` in `group`, tuned for tests: quick group forming (tansu takes
+/// ~23 s at the default session timeout), quick re-reads and commits.
+fn source_config(topic: &str, group: &str) -> KafkaSourceConfig {
+    let mut c = KafkaSourceConfig::new(BOOTSTRAP, &[topic], group);
+    c.session_timeout = HumanDuration(Duration::from_secs(6));
+    c.commit_interval = HumanDuration(Duration::from_millis(200));
+    c.retry_backoff = HumanDuration(Duration::from_millis(100));
+    c
+}
+
+fn seq(r: &sluice_core::record::Record) -> i64 {
+    match r.field("seq") {
+        Some(sluice_core::record::Value::I64(s)) => *s,
+        other => panic!("record without integer seq: {other:?}"),
+    }
+}
+
+/// Polls the group's committed offset of partition 0 until it reaches `want`.
+async fn wait_committed(group: &str, topic: &str, want: i64, within: Duration) -> Option<i64> {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = committed(group, topic, 1).await[0];
+        if got == Some(want) || Instant::now() >= deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Issue 13, item 6: a poison record (its sink fails it every time) is read once plus
+/// `max_redeliveries` times, then dead-lettered with the reason and the count; the records
+/// behind it on the partition are delivered and the committed offset passes them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_record_is_dead_lettered_after_max_redeliveries() {
+    require_kafka();
+    let topic = unique("poison");
+    let group = unique("poison-group");
+    create_topic(&topic, 1).await;
+    produce(
+        &topic,
+        (0..21)
+            .map(|i| (None, format!("{{\"seq\":{i},\"temp\":21.5}}").into_bytes()))
+            .collect(),
+    )
+    .await;
+    let mut c = source_config(&topic, &group);
+    c.max_redeliveries = 3;
+    let mut src = SourceHarness::start(&c, "poison", "kafka-tests")
+        .await
+        .expect("source starts");
+    let (mut delivered, mut attempts, mut dead) = (BTreeSet::new(), 0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while dead.is_empty() || delivered.len() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "poison read {attempts} times, dead-lettered {}, {} of 20 delivered",
+            dead.len(),
+            delivered.len()
+        );
+        tokio::select! {
+            b = src.input.recv() => {
+                let mut b = b.expect("output open");
+                for r in &mut b.records {
+                    if seq(r) == 0 {
+                        attempts += 1;
+                        r.finalize(BatchStatus::Errored);
+                    } else {
+                        delivered.insert(seq(r));
+                        r.finalize(BatchStatus::Delivered);
+                    }
+                }
+            }
+            d = src.dead.recv() => {
+                let mut d = d.expect("dead_letter open");
+                d.finalize(BatchStatus::Delivered);
+                dead.extend(d.records);
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    assert_eq!(attempts, 4, "read once + max_redeliveries (3) times");
+    assert_eq!(dead.len(), 1);
+    let error = dead[0].meta.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("failed 4 times") && error.contains("max_redeliveries = 3"),
+        "reason and count in the error: {error}"
+    );
+    assert!(
+        matches!(dead[0].meta.origin, Origin::Kafka { offset: 0, .. }),
+        "{:?}",
+        dead[0].meta.origin
+    );
+    assert_eq!(delivered, (1..=20).collect::<BTreeSet<i64>>());
+    assert_eq!(src.gauge("poisoned"), 1);
+    // Records re-read with the poison come again (duplicates); deliver them.
+    src.take(1000, BatchStatus::Delivered, Duration::from_secs(1))
+        .await;
+    assert_eq!(
+        wait_committed(&group, &topic, 21, Duration::from_secs(30)).await,
+        Some(21),
+        "the partition's commit passes the poison and everything behind it"
+    );
+    src.stop(STOP).await.expect("clean stop");
+}
+
+/// Issue 13, item 11: the consumer keeps polling (its partitions paused) while a shutdown
+/// waits for slow sinks, so the group does not evict it after `max.poll.interval.ms` and the
+/// final commit succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_shutdown_drain_keeps_the_group_membership() {
+    require_kafka();
+    let topic = unique("drain");
+    let group = unique("drain-group");
+    create_topic(&topic, 1).await;
+    produce(
+        &topic,
+        (0..10)
+            .map(|i| (None, format!("{{\"seq\":{i}}}").into_bytes()))
+            .collect(),
+    )
+    .await;
+    let mut c = source_config(&topic, &group);
+    // librdkafka's minimum is the session timeout.
+    c.librdkafka_options
+        .0
+        .insert("max.poll.interval.ms".into(), "6000".into());
+    let mut src = SourceHarness::start(&c, "drain", "kafka-tests")
+        .await
+        .expect("source starts");
+    let mut held = Vec::new();
+    let mut n = 0;
+    while n < 10 {
+        let b = src
+            .next_batch(Duration::from_secs(60))
+            .await
+            .expect("records arrive");
+        n += b.len();
+        held.push(b);
+    }
+    let metrics = src.metrics.clone();
+    // Shut down while the "sink" still holds every record, for twice max.poll.interval.ms.
+    let stopping = tokio::spawn(src.stop(STOP));
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    for mut b in held {
+        b.finalize(BatchStatus::Delivered);
+    }
+    stopping.await.expect("stop task").expect("clean stop");
+    let failures = metrics
+        .counter("commit_failures")
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(failures, 0, "no commit failed (the member was not evicted)");
+    assert_eq!(
+        committed(&group, &topic, 1).await[0],
+        Some(10),
+        "the records delivered during the drain are committed"
+    );
 }

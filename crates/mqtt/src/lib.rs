@@ -83,7 +83,7 @@ pub struct ConnectionConfig {
     #[serde(default = "default_session_expiry")]
     pub session_expiry: HumanDuration,
     /// Keep-alive interval (PINGREQ when idle; the broker drops the connection after 1.5×).
-    /// Default "30s".
+    /// At least 1 s (v3.1.1) or 5 s (v5). Default "30s".
     #[serde(default = "default_keep_alive")]
     pub keep_alive: HumanDuration,
     /// User name. Default: none.
@@ -417,7 +417,8 @@ impl Connector {
             }
             Protocol::V5 => {
                 let mut o = v5::MqttOptions::new(&self.client_id, &self.host, self.port);
-                o.set_keep_alive(keep_alive)
+                // rumqttc's v5 client panics below 5 s.
+                o.set_keep_alive(keep_alive.max(Duration::from_secs(5)))
                     .set_clean_start(s.clean_session)
                     .set_manual_acks(s.manual_acks)
                     .set_max_packet_size(Some(max_packet as u32))
@@ -702,6 +703,32 @@ impl EventLoop {
             return None;
         };
         Some(write_acks_v4(el, acks).await)
+    }
+
+    /// Incoming traffic proves the connection alive. A poller that stops reading for a while
+    /// (backpressure) leaves the broker's PINGRESP queued behind messages it has not read
+    /// yet, and rumqttc would call the next keep-alive tick a missed ping and drop the
+    /// connection (losing what QoS 0 had queued). Call this for each message read: only a
+    /// connection that stays silent for a whole keep-alive period then fails.
+    pub fn saw_traffic(&mut self) {
+        match self {
+            EventLoop::V4(el) => el.state.await_pingresp = false,
+            EventLoop::V5(el) => el.state.await_pingresp = false,
+        }
+    }
+
+    /// Writes a PINGREQ without reading anything, so that the broker's keep-alive (1.5 ×
+    /// `keep_alive` without a packet from us) is met while the poller does not poll
+    /// (backpressure). MQTT 3.1.1 only (rumqttc does not expose the v5 connection): `false`
+    /// when nothing was written.
+    pub async fn ping(&mut self) -> bool {
+        let EventLoop::V4(el) = self else {
+            return false;
+        };
+        let Some(network) = el.network.as_mut() else {
+            return false;
+        };
+        network.write(rumqttc::Packet::PingReq).await.is_ok() && network.flush().await.is_ok()
     }
 
     /// Drops the network connection; the next poll reconnects.

@@ -21,6 +21,12 @@
 //! and reads the range again (later records of that partition are read again too:
 //! at-least-once).
 //!
+//! **Poison records.** Failed deliveries are counted per (topic, partition, offset) in a
+//! bounded in-memory map (after a failure each record re-read is followed on its own, so only
+//! the records that fail again are counted). A record that failed more than
+//! `max_redeliveries` times (default 10, 0 = unlimited) goes to `dead_letter` with the reason
+//! and the count instead, and the partition's commit moves past it once that resolves.
+//!
 //! **Rebalance.** When partitions are revoked the consumer waits (at most `drain_timeout`)
 //! for their records in flight, commits their watermarks, and only then lets the group move
 //! them; records still unfinished at the deadline are simply not committed and the next owner
@@ -31,7 +37,9 @@
 //! run there and may block while they drain); it hands batches to the async source task
 //! through a bounded channel, so a slow pipeline stops the polling (backpressure). If the
 //! pipeline stays blocked longer than `max.poll.interval.ms` (librdkafka default 5 minutes)
-//! the group moves the partitions elsewhere; nothing uncommitted is lost.
+//! the group moves the partitions elsewhere; nothing uncommitted is lost. During the shutdown
+//! drain the thread keeps polling with every partition paused, so a slow drain does not get
+//! the member evicted (its final commit would fail).
 //!
 //! **Tags.** A record's tags come from the payload (`decode.tags`), the message headers
 //! (`headers_as_tags`), the key (`key_tag`) and the topic (`decode.topic_pattern`); when two
@@ -40,7 +48,8 @@
 //! topic like `{tenant_id}` assigns).
 //!
 //! **Metrics.** records in, bytes, decode errors (to `dead_letter`), `commits`,
-//! `commit_failures`, `rebalances`, `seeks` (errored ranges re-read), `assigned_partitions`,
+//! `commit_failures`, `rebalances`, `seeks` (errored ranges re-read), `poisoned` (records
+//! dead-lettered by `max_redeliveries`), `assigned_partitions`,
 //! and `consumer_lag{topic, partition}` from librdkafka's statistics (every 5 s).
 
 use std::collections::HashMap;
@@ -61,13 +70,25 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_core::ack::{self, BatchStatus, StatusReceiver, Watermark};
 use sluice_core::config::{HumanDuration, PassthroughOptions};
-use sluice_core::decode::{DecodeConfig, Decoded, Decoder};
+use sluice_core::decode::{DecodeConfig, DecodeError, Decoded, Decoder};
 use sluice_core::metrics::ComponentMetrics;
 use sluice_core::record::{intern, Meta, Name, Origin};
 use sluice_core::registry::{BuildContext, SourceConfig};
 use sluice_core::source::{Source, SourceContext};
 use sluice_core::BoxError;
 use tokio::sync::mpsc;
+
+use crate::redelivery::{self, Attempts};
+
+/// A record's identity for counting its failed deliveries.
+type RecordKey = (Arc<str>, i32, i64);
+
+/// A resolved batch: its status, its ranges, its records' keys with their own statuses.
+type Settled = (
+    BatchStatus,
+    Vec<RangeId>,
+    Vec<(RecordKey, Option<BatchStatus>)>,
+);
 
 /// Where a new consumer group starts reading a partition that has no committed offset.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -131,6 +152,17 @@ pub struct KafkaSourceConfig {
     /// `***` for values whose key names a secret (sasl.password, …). Default {}.
     #[serde(default)]
     pub librdkafka_options: PassthroughOptions,
+    /// A record whose delivery failed (a sink gave up with a transient error) more than this
+    /// many times is sent to `dead_letter`, with the reason and the count, and committed past,
+    /// instead of making its partition re-read it forever. Failures are counted in memory per
+    /// (topic, partition, offset) (at most 100,000 records; a restart or a rebalance to
+    /// another member starts the count again). 0 = unlimited. Default 10.
+    #[serde(default = "default_max_redeliveries")]
+    pub max_redeliveries: u32,
+}
+
+fn default_max_redeliveries() -> u32 {
+    redelivery::DEFAULT_MAX_REDELIVERIES
 }
 
 fn default_session_timeout() -> HumanDuration {
@@ -166,6 +198,7 @@ impl KafkaSourceConfig {
             headers_as_tags: false,
             decode: DecodeConfig::default(),
             librdkafka_options: PassthroughOptions::default(),
+            max_redeliveries: default_max_redeliveries(),
         }
     }
 
@@ -612,13 +645,18 @@ impl Source for KafkaSource {
         let source: Name = intern(&name);
         let key_tag: Option<Name> = self.config.key_tag.as_deref().map(intern);
         let mut acks: FuturesUnordered<_> = FuturesUnordered::new();
+        let mut attempts: Attempts<RecordKey> =
+            Attempts::new(self.config.max_redeliveries, redelivery::DEFAULT_CAPACITY);
+        let poisoned = metrics.counter("poisoned");
         let out = Some(out);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if out.is_some() => break,
                 Some(done) = acks.next(), if !acks.is_empty() => {
-                    let (status, ranges): (BatchStatus, Vec<RangeId>) = done;
+                    let (status, ranges, keys): Settled = done;
+                    // Counted before the range completes (and the partition is re-read).
+                    attempts.settle_batch(keys, status);
                     shared.complete(&ranges, status);
                 }
                 batch = batches.recv(), if out.is_some() => {
@@ -627,6 +665,8 @@ impl Source for KafkaSource {
                     let n = batch.messages.len();
                     let mut decoded = Decoded::with_capacity(n);
                     let mut bytes = 0;
+                    let mut keys = Vec::new();
+                    let (counting, watching) = (attempts.enabled(), attempts.is_watching());
                     for m in batch.messages {
                         bytes += m.payload.len();
                         let received = m.timestamp_ms.map_or_else(now_ns, |t| t.saturating_mul(1_000_000));
@@ -635,8 +675,33 @@ impl Source for KafkaSource {
                             origin: Origin::Kafka { topic: m.topic.clone(), partition: m.partition, offset: m.offset },
                             error: None,
                         };
+                        let key: RecordKey = (m.topic.clone(), m.partition, m.offset);
+                        let failures = if watching { attempts.failures(&key) } else { 0 };
+                        if counting && redelivery::exhausted(failures, attempts.max()) {
+                            // A poison record: dead-letter it; the offset is committed past it
+                            // once that resolves.
+                            let why = redelivery::reason(failures, attempts.max());
+                            tracing::warn!(source = %name, topic = %m.topic, partition = m.partition, offset = m.offset, "record dead-lettered: {why}");
+                            poisoned.fetch_add(1, Ordering::Relaxed);
+                            decoded.dead.push(Decoder::dead_letter(m.payload, received, meta, &DecodeError(why)));
+                            keys.push((key, None));
+                            continue;
+                        }
                         let before = decoded.records.len();
+                        let before_dead = decoded.dead.len();
                         decoded.push(&mut decoder, m.payload, Some(&m.topic), received, meta);
+                        if watching {
+                            // Something failed recently: follow each record on its own, so
+                            // that only those that fail again are counted.
+                            let (own, status) = ack::batch();
+                            for r in decoded.records[before..].iter_mut().chain(&mut decoded.dead[before_dead..]) {
+                                r.finalizers.push(own.clone());
+                            }
+                            own.finish(BatchStatus::Delivered);
+                            keys.push((key, Some(status)));
+                        } else if counting {
+                            keys.push((key, None));
+                        }
                         let key = key_tag
                             .as_ref()
                             .zip(m.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()));
@@ -654,7 +719,7 @@ impl Source for KafkaSource {
                     let (finalizer, status) = ack::batch();
                     decoded.attach(&finalizer);
                     finalizer.finish(BatchStatus::Delivered);
-                    acks.push(wait(status, batch.ranges));
+                    acks.push(wait(status, batch.ranges, keys));
                     if decoded.send(o).await.is_err() {
                         break;
                     }
@@ -667,7 +732,7 @@ impl Source for KafkaSource {
         drop(out);
         drop(batches);
         while let Some(done) = acks.next().await {
-            let (status, ranges): (BatchStatus, Vec<RangeId>) = done;
+            let (status, ranges, _): Settled = done;
             shared.complete(&ranges, status);
         }
         shared.closing.store(true, Ordering::Relaxed);
@@ -717,8 +782,23 @@ impl Drop for SetOnDrop {
     }
 }
 
-async fn wait(status: StatusReceiver, ranges: Vec<RangeId>) -> (BatchStatus, Vec<RangeId>) {
-    (status.await, ranges)
+/// A batch's status, its ranges, and its records' keys with their own statuses (when they
+/// were followed one by one).
+async fn wait(
+    status: StatusReceiver,
+    ranges: Vec<RangeId>,
+    keys: Vec<(RecordKey, Option<StatusReceiver>)>,
+) -> Settled {
+    let status = status.await;
+    let mut settled = Vec::with_capacity(keys.len());
+    for (key, own) in keys {
+        let own = match own {
+            Some(rx) => Some(rx.await),
+            None => None,
+        };
+        settled.push((key, own));
+    }
+    (status, ranges, settled)
 }
 
 fn now_ns() -> i64 {
@@ -809,12 +889,21 @@ fn poll_loop(
             permit.send(batch);
         }
     }
-    set_paused(&consumer, &shared, false);
     // Shutdown: the source task finishes the acknowledgements of everything it sent; keep
-    // committing meanwhile.
+    // committing meanwhile. Keep polling too, with every partition paused: librdkafka leaves
+    // the group when the application does not poll for `max.poll.interval.ms`, and an evicted
+    // member's final commit fails (its records would be read again). What such a poll still
+    // returns is not handed out (never registered, so never committed: read again later).
     while !finished.load(Ordering::Relaxed) {
+        set_paused(&consumer, &shared, true);
         commit_due(&mut last_commit);
-        std::thread::sleep(Duration::from_millis(10));
+        let _ = poll_one(
+            &consumer,
+            &shared,
+            &mut topics,
+            false,
+            Duration::from_millis(10),
+        );
     }
     shared.commit(&consumer, shared.to_commit(None));
     shared.closing.store(true, Ordering::Relaxed);

@@ -3,6 +3,7 @@
 pub mod file;
 pub mod kafka;
 pub mod mqtt;
+pub mod redelivery;
 pub mod simulator;
 pub mod sqs;
 pub mod stdin;

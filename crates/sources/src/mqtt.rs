@@ -56,10 +56,23 @@
 //! one (e.g. 2000) uses less memory and drains QoS 0 faster, at the price of more waiting for
 //! acks. After a crash, at most the window comes back as duplicates.
 //!
+//! **Poison messages.** A QoS 1/2 message whose delivery fails every time would come back
+//! forever and hold back every message behind it (acks keep order). The source counts failed
+//! deliveries per (topic, payload) in a bounded in-memory map (after a failed batch it follows
+//! each message on its own, so only the ones that fail again are counted); once a message failed
+//! more than `max_redeliveries` times (default 10, 0 = unlimited) it goes to `dead_letter` with
+//! the reason and the count, and is acknowledged once that resolves (metric `poisoned`).
+//!
+//! **Keep-alive under backpressure.** While the window is full the poller does not read, so
+//! the broker's PINGRESP waits behind unread messages: incoming messages count as proof of
+//! life, and (v3.1.1) the poller writes a PINGREQ every `keep_alive / 2` while it waits, so a
+//! slow pipeline never costs the connection (nor the QoS 0 messages queued for it).
+//!
 //! **Metrics**: `connected` (0/1), `subscribed` (0/1, after the SUBACK), `reconnects`,
 //! `messages`, `inflight` (QoS 1/2 messages not yet acknowledged), `acks_dropped` (acks of a
 //! lost connection: those messages come again), `ack_retries` (v5 acks that waited for room in
-//! the client's queue), and the standard `bytes`.
+//! the client's queue), `poisoned` (messages dead-lettered by `max_redeliveries`), and the
+//! standard `bytes`.
 //!
 //! **Structure.** A poller task polls rumqttc's event loop, writes acks, and hands whole reads
 //! of messages to the source task, which decodes and sends them; an acknowledgement task
@@ -73,7 +86,7 @@ use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_core::ack::{self, BatchStatus, StatusReceiver};
-use sluice_core::decode::{DecodeConfig, Decoded, Decoder};
+use sluice_core::decode::{DecodeConfig, DecodeError, Decoded, Decoder};
 use sluice_core::metrics::ComponentMetrics;
 use sluice_core::record::{intern, Meta, Origin};
 use sluice_core::registry::{BuildContext, SourceConfig};
@@ -84,6 +97,8 @@ use sluice_core::BoxError;
 use sluice_mqtt::{ClientSettings, ConnectionConfig, Connector, Event, EventLoop, Message};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use crate::redelivery::{self, Attempts};
 
 pub use sluice_mqtt::{Protocol, TlsConfig};
 
@@ -117,6 +132,17 @@ pub struct MqttSourceConfig {
     /// payloads.
     #[serde(default)]
     pub decode: DecodeConfig,
+    /// A QoS 1/2 message whose delivery failed (a sink gave up with a transient error) more
+    /// than this many times is sent to `dead_letter`, with the reason and the count, and then
+    /// acknowledged, instead of being redelivered forever and holding back every message
+    /// behind it. Failures are counted in memory per (topic, payload) (at most 100,000
+    /// messages; a restart starts the count again). 0 = unlimited. Default 10.
+    #[serde(default = "default_max_redeliveries")]
+    pub max_redeliveries: u32,
+}
+
+fn default_max_redeliveries() -> u32 {
+    redelivery::DEFAULT_MAX_REDELIVERIES
 }
 
 fn default_qos() -> u8 {
@@ -143,6 +169,7 @@ impl MqttSourceConfig {
             max_inflight: default_max_inflight(),
             batch_size: default_batch_size(),
             decode: DecodeConfig::default(),
+            max_redeliveries: default_max_redeliveries(),
         }
     }
 
@@ -220,6 +247,7 @@ impl SourceConfig for MqttSourceConfig {
             decoder,
             max_inflight: self.max_inflight,
             batch_size: self.batch_size,
+            max_redeliveries: self.max_redeliveries,
         }))
     }
 }
@@ -232,6 +260,7 @@ struct MqttSource {
     decoder: Decoder,
     max_inflight: u16,
     batch_size: usize,
+    max_redeliveries: u32,
 }
 
 /// Messages of one read, all from the same connection.
@@ -245,6 +274,19 @@ struct Pending {
     generation: u64,
     acks: Vec<(u8, u16)>,
     status: StatusReceiver,
+    /// Redelivery keys of the QoS 1/2 messages (empty with `max_redeliveries = 0`), with
+    /// the message's own status when it is followed one by one (it failed recently).
+    keys: Vec<(u64, Option<StatusReceiver>)>,
+}
+
+/// The key under which a message's failed deliveries are counted: MQTT has no message id
+/// that survives a reconnect (packet ids are reused), so the topic and payload stand for it.
+fn message_key(topic: &str, payload: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    topic.hash(&mut h);
+    payload.hash(&mut h);
+    h.finish()
 }
 
 /// What the acknowledgement task hands to the poller.
@@ -316,6 +358,9 @@ struct Shared {
     qos2_open: AtomicI64,
     /// Notified when the broker answers our UNSUBSCRIBE (the shutdown barrier).
     barrier: tokio::sync::Notify,
+    /// Failed deliveries per message (`max_redeliveries`): counted by the acknowledgement
+    /// task, read by the source task.
+    attempts: std::sync::Mutex<Attempts<u64>>,
 }
 
 #[async_trait]
@@ -353,7 +398,12 @@ impl Source for MqttSource {
             acks_dropped: metrics.counter("acks_dropped"),
             qos2_open: AtomicI64::new(0),
             barrier: tokio::sync::Notify::new(),
+            attempts: std::sync::Mutex::new(Attempts::new(
+                self.max_redeliveries,
+                redelivery::DEFAULT_CAPACITY,
+            )),
         });
+        let poisoned = metrics.counter("poisoned");
         tracing::info!(
             source = %name,
             broker = %self.connector.address(),
@@ -419,24 +469,65 @@ impl Source for MqttSource {
             let received = now_ns();
             let mut decoded = Decoded::with_capacity(incoming.messages.len());
             let mut acks = Vec::new();
+            let mut keys = Vec::new();
             let count = incoming.messages.len();
             shared.to_source.fetch_sub(count as i64, Ordering::AcqRel);
             shared.taken.notify_one();
-            for m in incoming.messages {
-                if m.qos > 0 {
-                    acks.push((m.qos, m.pkid));
+            {
+                let attempts = shared.attempts.lock().unwrap_or_else(|p| p.into_inner());
+                let (counting, watching) = (attempts.enabled(), attempts.is_watching());
+                for m in incoming.messages {
+                    let key = (m.qos > 0 && counting).then(|| message_key(&m.topic, &m.payload));
+                    if m.qos > 0 {
+                        acks.push((m.qos, m.pkid));
+                    }
+                    if *last_topic != *m.topic {
+                        last_topic = Arc::from(m.topic.as_str());
+                    }
+                    let meta = Meta {
+                        source: Some(source.clone()),
+                        origin: Origin::Mqtt {
+                            topic: last_topic.clone(),
+                        },
+                        error: None,
+                    };
+                    let Some(key) = key else {
+                        decoded.push(&mut self.decoder, m.payload, Some(&m.topic), received, meta);
+                        continue;
+                    };
+                    let failures = if watching { attempts.failures(&key) } else { 0 };
+                    if redelivery::exhausted(failures, attempts.max()) {
+                        // A poison message: dead-letter it; it is acknowledged once that resolves.
+                        let why = redelivery::reason(failures, attempts.max());
+                        tracing::warn!(source = %name, topic = %m.topic, failures, "message dead-lettered: {why}");
+                        poisoned.fetch_add(1, Ordering::Relaxed);
+                        decoded.dead.push(Decoder::dead_letter(
+                            m.payload,
+                            received,
+                            meta,
+                            &DecodeError(why),
+                        ));
+                        keys.push((key, None));
+                    } else if watching {
+                        // Something failed recently: follow this message on its own, so that only
+                        // the messages that fail again are counted (a batch's status is its
+                        // worst record's).
+                        let (records, dead) = (decoded.records.len(), decoded.dead.len());
+                        decoded.push(&mut self.decoder, m.payload, Some(&m.topic), received, meta);
+                        let (own, status) = ack::batch();
+                        for r in decoded.records[records..]
+                            .iter_mut()
+                            .chain(&mut decoded.dead[dead..])
+                        {
+                            r.finalizers.push(own.clone());
+                        }
+                        own.finish(BatchStatus::Delivered);
+                        keys.push((key, Some(status)));
+                    } else {
+                        decoded.push(&mut self.decoder, m.payload, Some(&m.topic), received, meta);
+                        keys.push((key, None));
+                    }
                 }
-                if *last_topic != *m.topic {
-                    last_topic = Arc::from(m.topic.as_str());
-                }
-                let meta = Meta {
-                    source: Some(source.clone()),
-                    origin: Origin::Mqtt {
-                        topic: last_topic.clone(),
-                    },
-                    error: None,
-                };
-                decoded.push(&mut self.decoder, m.payload, Some(&m.topic), received, meta);
             }
             let qos0 = count - acks.len();
             if !acks.is_empty() {
@@ -448,14 +539,17 @@ impl Source for MqttSource {
                     generation: incoming.generation,
                     acks,
                     status,
+                    keys,
                 });
             }
             tokio::select! {
+                // Shutdown first: downstream closing during a shutdown is not a failure.
+                biased;
+                _ = shutdown.cancelled() => break,
                 res = decoded.send(&out) => if let Err(e) = res {
                     send_failed = Some(e);
                     break;
                 },
-                _ = shutdown.cancelled() => break,
             }
             shared.window.add_permits(qos0);
         }
@@ -545,6 +639,22 @@ async fn acknowledge(name: String, mut rx: mpsc::UnboundedReceiver<Pending>, sha
     let mut failed_generation = None;
     while let Some(p) = rx.recv().await {
         let status = p.status.await;
+        if !p.keys.is_empty() {
+            // Count failed deliveries before a reconnect makes the broker send them again.
+            let mut settled = Vec::with_capacity(p.keys.len());
+            for (key, own) in p.keys {
+                let own = match own {
+                    Some(rx) => Some(rx.await),
+                    None => None,
+                };
+                settled.push((key, own));
+            }
+            shared
+                .attempts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .settle_batch(settled, status);
+        }
         let current = shared.generation.load(Ordering::Acquire);
         let n = p.acks.len();
         tracing::trace!(source = %name, messages = n, ?status, generation = p.generation, "batch resolved");
@@ -608,6 +718,12 @@ impl Poller {
         let mut debt = 0usize;
         // v5: acks handed to the client and not yet reported written.
         let mut in_client = 0usize;
+        let keep_alive = self
+            .connector
+            .config()
+            .keep_alive
+            .0
+            .max(Duration::from_secs(1));
         loop {
             // Acks resolved downstream go out before anything more is read.
             if self.send_acks(&mut el, &mut in_client).await {
@@ -641,6 +757,11 @@ impl Poller {
                         _ = self.shared.acks_ready.notified() => {}
                         _ = self.shared.taken.notified() => {}
                         _ = draining.cancelled() => {}
+                        // Not reading, but still talking: the broker drops a client it has
+                        // not heard from for 1.5 × keep_alive (v3.1.1; v5 pings when polled).
+                        _ = tokio::time::sleep(keep_alive / 2), if connected => {
+                            el.ping().await;
+                        }
                     }
                     continue;
                 }
@@ -689,6 +810,9 @@ impl Poller {
                     tracing::debug!(source = %self.name, "subscribed");
                 }
                 Ok(Event::Publish(m)) => {
+                    // Data arrives: the connection is alive even if the PINGRESP is still
+                    // queued behind messages we have not read (see `saw_traffic`).
+                    el.saw_traffic();
                     if draining.is_cancelled() {
                         // Left unacknowledged: redelivered on the next connection.
                         continue;

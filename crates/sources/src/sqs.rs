@@ -42,6 +42,11 @@
 //! `"delete"` there. A crash before the delete means the message comes back after
 //! `visibility_timeout`: delivery is at-least-once.
 //!
+//! **Poison messages.** A message whose `ApproximateReceiveCount` exceeds
+//! `max_redeliveries + 1` (default 10, 0 = unlimited) is not decoded but sent to `dead_letter`
+//! with the reason and the count, and deleted once that resolves (whatever `on_rejected`
+//! says); metric `poisoned`.
+//!
 //! **Visibility extension.** Messages still in flight after a third of `visibility_timeout`
 //! get their visibility set to another `visibility_timeout` (repeatedly), so a slow sink does
 //! not make the queue hand them out a second time. The calls run beside the acknowledgement
@@ -94,6 +99,8 @@ use sluice_core::topology::now_ns;
 use sluice_core::BoxError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::redelivery;
 
 /// Most entries SQS accepts in one `DeleteMessageBatch` / `ChangeMessageVisibilityBatch`.
 const MAX_BATCH_ENTRIES: usize = 10;
@@ -174,6 +181,17 @@ pub struct SqsConfig {
     /// are requested in `ReceiveMessage` only when this is set. Default false.
     #[serde(default)]
     pub attributes_as_tags: AttributeTags,
+    /// A message received more than `max_redeliveries + 1` times (the queue's
+    /// `ApproximateReceiveCount`: every receive counts, also one after a crash or an expired
+    /// visibility) is sent to `dead_letter` with the reason and the count, then deleted once
+    /// that resolves, whatever `on_rejected` says. A queue redrive policy with a lower
+    /// `maxReceiveCount` moves it to the queue's DLQ first. 0 = unlimited. Default 10.
+    #[serde(default = "default_max_redeliveries")]
+    pub max_redeliveries: u32,
+}
+
+fn default_max_redeliveries() -> u32 {
+    crate::redelivery::DEFAULT_MAX_REDELIVERIES
 }
 
 /// Which message attributes become tags (`attributes_as_tags`).
@@ -232,6 +250,7 @@ impl SqsConfig {
             body_path: None,
             topic_path: None,
             attributes_as_tags: AttributeTags::default(),
+            max_redeliveries: default_max_redeliveries(),
         }
     }
 
@@ -510,6 +529,9 @@ struct Pending {
     visible_from: Instant,
     /// Highest `ApproximateReceiveCount` of the batch's messages (1 on first delivery).
     receive_count: u32,
+    /// Per message (as `handles`): dead-lettered by `max_redeliveries`, so deleted once its
+    /// dead letter resolves, even with `on_rejected = "leave"`.
+    poisoned: Vec<bool>,
 }
 
 #[derive(Clone)]
@@ -649,6 +671,7 @@ async fn receive(
     let mut tagger = AttributeTagger::new(config.attributes_as_tags.clone());
     let attribute_names = config.attributes_as_tags.request();
     let received = metrics.counter("received");
+    let poisoned_total = metrics.counter("poisoned");
     let in_flight = metrics.gauge("in_flight");
     let wait = config.wait_time.0.as_secs() as i32;
     let visibility = config.visibility_timeout.0.as_secs() as i32;
@@ -702,19 +725,22 @@ async fn receive(
         let mut statuses = Vec::with_capacity(messages.len());
         let mut bytes = 0;
         let mut receive_count = 1;
+        let mut poisoned = Vec::with_capacity(messages.len());
         for m in messages {
-            if let Some(n) = m
+            let received_times = m
                 .attributes
                 .as_ref()
                 .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
                 .and_then(|n| n.parse::<u32>().ok())
-            {
-                receive_count = receive_count.max(n);
-            }
+                .unwrap_or(1);
+            receive_count = receive_count.max(received_times);
             let Some(handle) = m.receipt_handle else {
                 continue; // cannot be deleted, so do not deliver it either
             };
             handles.push(handle);
+            let failures = received_times.saturating_sub(1);
+            let poison = redelivery::exhausted(failures, config.max_redeliveries);
+            poisoned.push(poison);
             let body = Bytes::from(m.body.unwrap_or_default().into_bytes());
             bytes += body.len();
             let meta = Meta {
@@ -726,21 +752,37 @@ async fn receive(
             };
             let first = decoded.records.len();
             let first_dead = decoded.dead.len();
-            match &envelope {
-                // Too big a body is left to the decoder, which dead-letters it unparsed.
-                Some(envelope) if body.len() as u64 <= config.decode.max_payload.0 => {
-                    match envelope.open(&body) {
-                        Ok((payload, topic)) => {
-                            decoded.push(&mut decoder, payload, topic.as_deref(), received_ns, meta)
-                        }
-                        Err(e) => {
-                            decoded
-                                .dead
-                                .push(Decoder::dead_letter(body, received_ns, meta, &e))
+            if poison {
+                let why = redelivery::reason(failures, config.max_redeliveries);
+                tracing::warn!(source = %source, queue = %config.queue_url, "message dead-lettered: {why}");
+                poisoned_total.fetch_add(1, Ordering::Relaxed);
+                decoded.dead.push(Decoder::dead_letter(
+                    body,
+                    received_ns,
+                    meta,
+                    &DecodeError(why),
+                ));
+            } else {
+                match &envelope {
+                    // Too big a body is left to the decoder, which dead-letters it unparsed.
+                    Some(envelope) if body.len() as u64 <= config.decode.max_payload.0 => {
+                        match envelope.open(&body) {
+                            Ok((payload, topic)) => decoded.push(
+                                &mut decoder,
+                                payload,
+                                topic.as_deref(),
+                                received_ns,
+                                meta,
+                            ),
+                            Err(e) => {
+                                decoded
+                                    .dead
+                                    .push(Decoder::dead_letter(body, received_ns, meta, &e))
+                            }
                         }
                     }
+                    _ => decoded.push(&mut decoder, body, None, received_ns, meta),
                 }
-                _ => decoded.push(&mut decoder, body, None, received_ns, meta),
             }
             if let (Some(tagger), Some(attributes)) = (&mut tagger, &m.message_attributes) {
                 let tags = tagger.tags(attributes);
@@ -768,6 +810,7 @@ async fn receive(
             received: asked,
             visible_from: asked,
             receive_count,
+            poisoned,
         };
         // Register before sending, so that visibility extension covers a send that waits on
         // backpressure; the acknowledger never blocks on downstream, so this cannot deadlock.
@@ -820,10 +863,12 @@ async fn acknowledge(
             Some((id, status)) = statuses.next(), if deletes.len() < DELETE_CONCURRENCY => {
                 let Some(p) = pending.remove(&id) else { continue };
                 let (mut remove, mut errored, mut left) = (Vec::new(), Vec::new(), 0);
-                for (handle, status) in p.handles.into_iter().zip(status) {
+                for ((handle, status), poison) in p.handles.into_iter().zip(status).zip(p.poisoned) {
                     match status {
                         BatchStatus::Delivered => remove.push(handle),
-                        BatchStatus::Rejected if config.on_rejected == OnRejected::Delete => {
+                        BatchStatus::Rejected
+                            if poison || config.on_rejected == OnRejected::Delete =>
+                        {
                             remove.push(handle)
                         }
                         BatchStatus::Rejected => left += 1,

@@ -818,3 +818,150 @@ async fn backlog_acks_every_message_v5() {
 async fn backlog_acks_every_message_v311() {
     backlog_acks_every_message(Protocol::V311, 100_000).await;
 }
+
+/// Issue 13, item 6: a record whose delivery fails every time (a poison record) is read
+/// `1 + max_redeliveries` times, then dead-lettered with the reason and the count; the
+/// records behind it are delivered, and everything (the poison included) is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_record_is_dead_lettered_after_max_redeliveries() {
+    testing::require_broker();
+    let prefix = testing::unique("poison");
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let topic = format!("{prefix}/{protocol:?}");
+        let mut c = config(BROKER, &[&topic], protocol, 1);
+        c.max_redeliveries = 3;
+        let mut src = start(&c, "poison").await;
+        src.subscribed().await;
+        // seq 0 is the poison: the "sink" fails it every time; 1..=20 queue behind it.
+        testing::publish(BROKER, 1, json_messages(|_| topic.clone(), 0..21)).await;
+        let (mut delivered, mut attempts, mut dead) = (BTreeSet::new(), 0, Vec::new());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        while dead.is_empty() || delivered.len() < 20 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{protocol:?}: poison read {attempts} times, dead-lettered {}, {} of 20 delivered",
+                dead.len(),
+                delivered.len()
+            );
+            tokio::select! {
+                b = src.input.recv() => {
+                    let mut b = b.expect("output open");
+                    for r in &mut b.records {
+                        if seq(r) == 0 {
+                            attempts += 1;
+                            r.finalize(BatchStatus::Errored);
+                        } else {
+                            delivered.insert(seq(r));
+                            r.finalize(BatchStatus::Delivered);
+                        }
+                    }
+                }
+                d = src.dead.recv() => {
+                    let mut d = d.expect("dead_letter open");
+                    d.finalize(BatchStatus::Delivered);
+                    dead.extend(d.records);
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        assert_eq!(
+            attempts, 4,
+            "{protocol:?}: read once + max_redeliveries (3) times"
+        );
+        assert_eq!(dead.len(), 1, "{protocol:?}: dead-lettered once");
+        let error = dead[0].meta.error.as_deref().unwrap_or_default();
+        assert!(
+            error.contains("failed 4 times") && error.contains("max_redeliveries = 3"),
+            "{protocol:?}: reason and count in the error: {error}"
+        );
+        let payload = dead[0].payload.clone().unwrap_or_default();
+        assert!(
+            payload.starts_with(br#"{"ts":"#) && payload.windows(7).any(|w| w == br#""seq":0"#),
+            "the dead letter carries the payload: {payload:?}"
+        );
+        assert_eq!(
+            delivered,
+            (1..=20).collect(),
+            "{protocol:?}: the rest delivered"
+        );
+        assert_eq!(src.metrics.counter("poisoned").load(Ordering::Relaxed), 1);
+        // Duplicates of the good records (redelivered with the poison) are fine.
+        src.idle(Duration::from_millis(800)).await;
+        for _ in 0..250 {
+            if src.gauge("inflight") == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(src.gauge("inflight"), 0, "{protocol:?}: all acknowledged");
+        src.stop().await.expect("clean stop");
+        // Acknowledged means the broker does not send any of it (the poison either) again.
+        let mut later = start(&c, "poison").await;
+        later.subscribed().await;
+        assert_eq!(later.idle(Duration::from_secs(2)).await, 0, "{protocol:?}");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), later.dead.recv())
+                .await
+                .is_err(),
+            "{protocol:?}: no dead letter again"
+        );
+        later.stop().await.expect("clean stop");
+    }
+}
+
+/// Issue 13, item 9d: a QoS 0 stream into a slow pipeline. The source stops reading when its
+/// window is full (TCP pushes back on the broker), yet keeps its connection: no keep-alive
+/// failure (the broker's PINGRESP waits behind unread messages), no reconnect, and the
+/// messages it holds stay within its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_into_a_slow_sink_keeps_the_connection_and_stays_bounded() {
+    testing::require_broker();
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let topic = testing::unique("qos0-slow");
+        let mut c = config(BROKER, &[&topic], protocol, 0);
+        // As short as each client allows (v5: 5 s), for several keep-alive periods below.
+        let keep_alive = if protocol == Protocol::V5 { 5 } else { 1 };
+        c.connection.keep_alive =
+            sluice_core::config::HumanDuration(Duration::from_secs(keep_alive));
+        c.max_inflight = 200;
+        c.batch_size = 50;
+        let mut src = start(&c, "qos0-slow").await;
+        src.subscribed().await;
+        let n = 40_000i64;
+        // Published in one go, far faster than the "sink" below takes them (~2,500/s).
+        let publisher = tokio::spawn(testing::publish(
+            BROKER,
+            0,
+            json_messages(|_| topic.clone(), 0..n),
+        ));
+        let (mut got, mut held_max) = (0usize, 0i64);
+        let until = tokio::time::Instant::now() + Duration::from_secs(8 * keep_alive);
+        while tokio::time::Instant::now() < until {
+            let Ok(Some(mut b)) =
+                tokio::time::timeout(Duration::from_secs(5), src.input.recv()).await
+            else {
+                break;
+            };
+            got += b.len();
+            b.finalize(BatchStatus::Delivered);
+            // Read from the broker but not yet handed downstream.
+            let read = src.metrics.counter("messages").load(Ordering::Relaxed);
+            let out = src.metrics.records_out.load(Ordering::Relaxed) as i64;
+            held_max = held_max.max(read - out);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(got > 1_000, "{protocol:?}: only {got} records arrived");
+        assert_eq!(
+            src.metrics.counter("reconnects").load(Ordering::Relaxed),
+            0,
+            "{protocol:?}: the source kept its connection under backpressure"
+        );
+        assert_eq!(src.gauge("connected"), 1, "{protocol:?}");
+        assert!(
+            held_max <= 200 + 64,
+            "{protocol:?}: the source held {held_max} messages (window 200)"
+        );
+        src.stop().await.expect("clean stop");
+        publisher.abort();
+    }
+}

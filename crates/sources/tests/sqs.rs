@@ -606,3 +606,59 @@ async fn rejected_message_does_not_keep_its_neighbours_on_the_queue() {
     let left: Vec<&str> = left.iter().filter_map(|m| m.body.as_deref()).collect();
     assert_eq!(left, vec!["{not json"]);
 }
+
+/// Issue 13, item 6: a poison message (its sink fails it every time) is received once plus
+/// `max_redeliveries` times, then dead-lettered with the reason and the count and deleted
+/// (with the default `on_rejected = "leave"` too); the messages around it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_message_is_dead_lettered_after_max_redeliveries() {
+    let (client, url) = queue("poison").await;
+    let bodies: Vec<String> = (0..6).map(|n| format!("{{\"n\":{n}}}")).collect();
+    send(&client, &url, &bodies).await;
+    // Retries back off (n-1)² s after n receives: 0 + 1 + 4 s with max_redeliveries = 2.
+    let mut run = start(&url, 1, |c| c.max_redeliveries = 2).await;
+    let (mut delivered, mut attempts, mut dead) = (BTreeSet::new(), 0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dead.is_empty() || delivered.len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "poison received {attempts} times, dead-lettered {}, {} of 5 delivered",
+            dead.len(),
+            delivered.len()
+        );
+        tokio::select! {
+            b = run.input.recv() => {
+                let mut b = b.expect("output open");
+                for r in &mut b.records {
+                    let n = r.field("n").and_then(|v| v.as_f64()).expect("field n") as i64;
+                    if n == 0 {
+                        attempts += 1;
+                        r.finalize(BatchStatus::Errored);
+                    } else {
+                        delivered.insert(n);
+                        r.finalize(BatchStatus::Delivered);
+                    }
+                }
+            }
+            d = run.dead.recv() => {
+                let mut d = d.expect("dead_letter open");
+                d.finalize(BatchStatus::Delivered);
+                dead.extend(d.records);
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    assert_eq!(attempts, 3, "received once + max_redeliveries (2) times");
+    assert_eq!(dead.len(), 1);
+    let error = dead[0].meta.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("failed 3 times") && error.contains("max_redeliveries = 2"),
+        "reason and count in the error: {error}"
+    );
+    assert_eq!(dead[0].payload.as_deref(), Some(&b"{\"n\":0}"[..]));
+    assert_eq!(delivered, (1..6).collect::<BTreeSet<i64>>());
+    assert_eq!(run.counter("poisoned"), 1);
+    run.deleted(6).await;
+    run.stop().await;
+    assert_empty(&client, &url).await;
+}
