@@ -126,6 +126,65 @@ inputs = ["sim_dd"]
     );
 }
 
+/// An aggregate holding acknowledgements for an hour behind an MQTT source (30 s keep-alive)
+/// warns, naming the stage and the fix; with the fix (a disk buffer) the warning is gone.
+#[test]
+fn validate_warns_about_holds_longer_than_the_source_tolerates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = r#"[sources.in]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+topics = ["devices/+/data"]
+
+[transforms.hourly]
+type = "aggregate"
+inputs = ["in"]
+window = "1h"
+fields = { temp = ["mean"] }
+BUFFER
+
+[sinks.out]
+type = "console"
+inputs = ["hourly"]
+
+[sinks.dead]
+type = "console"
+inputs = ["in.dead_letter", "hourly.dead_letter"]
+"#;
+    let validate = |buffer: &str| {
+        let file = write(dir.path(), "hold.toml", &text.replace("BUFFER", buffer));
+        let out = sluice().arg("validate").arg(&file).output().expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "a warning, not an error: {stderr}"
+        );
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("warning:"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let warnings = validate("");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = &warnings[0];
+    assert!(
+        w.contains("hold.toml:6: transforms.hourly:"),
+        "file, line, component: {w}"
+    );
+    assert!(
+        w.contains("holds acknowledgements up to 1h 10s (window + allowed_lateness) but source `in` tolerates 30s (keep_alive)"),
+        "the hold and the tolerance: {w}"
+    );
+    assert!(
+        w.contains(r#"add buffer = { type = "disk" } to `hourly`"#),
+        "names the fix: {w}"
+    );
+    let fixed = validate(r#"buffer = { type = "disk", max_size = "64MiB" }"#);
+    assert_eq!(fixed, Vec::<String>::new());
+}
+
 #[test]
 fn graph_prints_mermaid() {
     let out = sluice()
@@ -420,11 +479,12 @@ fn every_example_pipeline_validates() {
             .env("MQTT_PASSWORD", "test-password")
             .output()
             .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {stderr}", path.display());
         assert!(
-            out.status.success(),
-            "{}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
+            !stderr.contains("holds acknowledgements"),
+            "{}: add the disk buffer the warning names: {stderr}",
+            path.display()
         );
         checked += 1;
     }

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use schemars::JsonSchema;
@@ -47,6 +48,15 @@ pub trait SourceConfig: std::fmt::Debug + Send + Sync {
     fn acknowledges(&self) -> bool {
         false
     }
+    /// How long the source can leave a record unacknowledged before it stalls or its
+    /// upstream gives up on it (drops the connection, evicts the consumer, hands the message
+    /// out again), with the option that sets it, e.g. `(30s, "keep_alive")`. `validate` warns
+    /// when a stage that holds acknowledgements longer ([`TransformConfig::ack_hold`]) sits
+    /// behind the source without a disk buffer in between. Default `None`: no known limit
+    /// (or the source does not acknowledge).
+    fn ack_tolerance(&self) -> Option<(Duration, &'static str)> {
+        None
+    }
 }
 
 /// Configuration of a transform type.
@@ -56,6 +66,12 @@ pub trait TransformConfig: std::fmt::Debug + Send + Sync {
     /// Named outputs besides `default` and `dead_letter` (e.g. `late`, `anomalies`).
     fn outputs(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// How long the transform may hold a record's acknowledgement (keep it in open state
+    /// before emitting what carries its finalizer), with what makes up that time, e.g.
+    /// `(1h 5m, "window + allowed_lateness")`. Default `None`: it holds records only briefly.
+    fn ack_hold(&self) -> Option<(Duration, &'static str)> {
+        None
     }
 }
 
@@ -68,6 +84,12 @@ pub trait SinkConfig: std::fmt::Debug + Send + Sync {
     /// `validate` does not ask for a dead-letter consumer they never feed.
     fn can_reject(&self) -> bool {
         true
+    }
+    /// How long the sink may hold a record before writing it durably (and acknowledging
+    /// it), with the option that sets it, e.g. `(5m, "max_age")`. Default `None`: it holds
+    /// records only briefly.
+    fn ack_hold(&self) -> Option<(Duration, &'static str)> {
+        None
     }
 }
 
@@ -94,6 +116,23 @@ impl ParsedConfig {
         match self {
             ParsedConfig::Source(c) => c.acknowledges(),
             _ => false,
+        }
+    }
+
+    /// See [`SourceConfig::ack_tolerance`]; `None` for transforms and sinks.
+    pub fn ack_tolerance(&self) -> Option<(Duration, &'static str)> {
+        match self {
+            ParsedConfig::Source(c) => c.ack_tolerance(),
+            _ => None,
+        }
+    }
+
+    /// See [`TransformConfig::ack_hold`] and [`SinkConfig::ack_hold`]; `None` for sources.
+    pub fn ack_hold(&self) -> Option<(Duration, &'static str)> {
+        match self {
+            ParsedConfig::Source(_) => None,
+            ParsedConfig::Transform(c) => c.ack_hold(),
+            ParsedConfig::Sink(c) => c.ack_hold(),
         }
     }
 

@@ -3,7 +3,8 @@
 //! [`plan`] checks everything that can be checked before anything starts: unknown types (with
 //! a "did you mean"), unknown or mistyped options (file, line and key), unknown inputs and
 //! outputs, duplicate names and cycles; [`Plan::warnings`] names what is valid but probably
-//! not meant (records acknowledged and dropped). [`Plan::start`] builds the components, wires every edge
+//! not meant (records acknowledged and dropped; acknowledgements held longer than the source
+//! tolerates). [`Plan::start`] builds the components, wires every edge
 //! as a bounded channel and spawns one task per component; [`Running::wait`] supervises them:
 //!
 //! * when every source has finished (finite sources: file at EOF, simulator after `count`), the
@@ -301,6 +302,8 @@ impl Plan {
     /// to `dead_letter`), fed by a source that acknowledges, whose `dead_letter` output nobody
     /// consumes. Its rejected records are logged, dropped and acknowledged (the source will
     /// not redeliver them); that must be a visible choice, so each gets a warning with the fix.
+    /// Also a stage that holds acknowledgements longer than its source tolerates, with no
+    /// disk buffer in between (see `hold_warnings`).
     pub fn warnings(&self) -> Vec<ConfigError> {
         let n = self.nodes.len();
         let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -343,6 +346,54 @@ impl Plan {
                     self.nodes[source].decl.name
                 ),
             ));
+        }
+        warnings.extend(self.hold_warnings(&consumers));
+        warnings
+    }
+
+    /// Stages that hold acknowledgements (an `aggregate` window, a `parquet` sink's
+    /// `max_age`) longer than an acknowledging source upstream tolerates, with only memory
+    /// buffers in between: the source stalls or its upstream redelivers. A disk buffer
+    /// acknowledges once it appended, so the walk from each source stops at one.
+    fn hold_warnings(&self, consumers: &[Vec<usize>]) -> Vec<ConfigError> {
+        let mut warned = vec![false; self.nodes.len()];
+        let mut warnings = Vec::new();
+        for (s, source) in self.nodes.iter().enumerate() {
+            let Some((tolerance, why)) = source.parsed.ack_tolerance() else {
+                continue;
+            };
+            if !source.parsed.acknowledges() {
+                continue;
+            }
+            let mut seen = vec![false; self.nodes.len()];
+            let mut stack = vec![s];
+            while let Some(i) = stack.pop() {
+                for &j in &consumers[i] {
+                    let node = &self.nodes[j];
+                    if seen[j] || node.decl.buffer.kind == BufferType::Disk {
+                        continue;
+                    }
+                    seen[j] = true;
+                    stack.push(j);
+                    let Some((hold, what)) = node.parsed.ack_hold() else {
+                        continue;
+                    };
+                    if hold <= tolerance || warned[j] {
+                        continue;
+                    }
+                    warned[j] = true;
+                    warnings.push(node.decl.error(
+                        None,
+                        format!(
+                            "holds acknowledgements up to {} ({what}) but source `{}` tolerates {} ({why}); add buffer = {{ type = \"disk\" }} to `{}` (or a stage before it)",
+                            humantime::format_duration(hold),
+                            source.decl.name,
+                            humantime::format_duration(tolerance),
+                            node.decl.name
+                        ),
+                    ));
+                }
+            }
         }
         warnings
     }
@@ -691,4 +742,147 @@ fn join_errors(errors: Vec<ConfigError>) -> BoxError {
         .collect::<Vec<_>>()
         .join("\n")
         .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use async_trait::async_trait;
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::config::{parse_str, HumanDuration};
+    use crate::registry::{SinkConfig, SourceConfig, TransformConfig};
+
+    /// An acknowledging source that tolerates `tolerance`.
+    #[derive(Debug, Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    struct Acking {
+        tolerance: HumanDuration,
+    }
+
+    #[async_trait]
+    impl SourceConfig for Acking {
+        async fn build(
+            &self,
+            _: &BuildContext,
+        ) -> Result<Box<dyn crate::source::Source>, BoxError> {
+            Err("not built in these tests".into())
+        }
+        fn acknowledges(&self) -> bool {
+            true
+        }
+        fn ack_tolerance(&self) -> Option<(Duration, &'static str)> {
+            Some((self.tolerance.0, "tolerance"))
+        }
+    }
+
+    /// A transform or sink that holds acknowledgements for `hold` (none when absent).
+    #[derive(Debug, Deserialize, schemars::JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    struct Holding {
+        #[serde(default)]
+        hold: Option<HumanDuration>,
+    }
+
+    #[async_trait]
+    impl TransformConfig for Holding {
+        async fn build(&self, _: &BuildContext) -> Result<Box<dyn Transform>, BoxError> {
+            Err("not built in these tests".into())
+        }
+        fn ack_hold(&self) -> Option<(Duration, &'static str)> {
+            self.hold.map(|h| (h.0, "hold"))
+        }
+    }
+
+    #[async_trait]
+    impl SinkConfig for Holding {
+        async fn build(&self, _: &BuildContext) -> Result<Box<dyn crate::sink::Sink>, BoxError> {
+            Err("not built in these tests".into())
+        }
+        fn can_reject(&self) -> bool {
+            false
+        }
+        fn ack_hold(&self) -> Option<(Duration, &'static str)> {
+            self.hold.map(|h| (h.0, "hold"))
+        }
+    }
+
+    fn warnings(text: &str) -> Vec<String> {
+        let mut registry = Registry::new();
+        registry
+            .source::<Acking>("acking")
+            .transform::<Holding>("holding")
+            .sink::<Holding>("holding");
+        let config = parse_str(text, Path::new("t.toml")).expect("parses");
+        let plan = plan(config, &registry).expect("valid");
+        plan.warnings()
+            .iter()
+            .map(ToString::to_string)
+            .filter(|w| w.contains("holds acknowledgements"))
+            .collect()
+    }
+
+    const CHAIN: &str = r#"
+[sources.in]
+type = "acking"
+tolerance = "30s"
+
+[transforms.pass]
+type = "holding"
+inputs = ["in"]
+BUFFER_PASS
+
+[transforms.hourly]
+type = "holding"
+inputs = ["pass"]
+hold = "1h 10s"
+BUFFER_HOURLY
+
+[sinks.quick]
+type = "holding"
+inputs = ["hourly", "in"]
+hold = "10s"
+
+[sinks.dead]
+type = "holding"
+inputs = ["in.dead_letter", "pass.dead_letter", "hourly.dead_letter"]
+"#;
+
+    fn chain(pass: &str, hourly: &str) -> String {
+        CHAIN
+            .replace("BUFFER_PASS", pass)
+            .replace("BUFFER_HOURLY", hourly)
+    }
+
+    #[test]
+    fn a_hold_longer_than_the_source_tolerates_warns_with_the_path_and_the_fix() {
+        let w = warnings(&chain("", ""));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("transforms.hourly:"), "{}", w[0]);
+        assert!(
+            w[0].contains("holds acknowledgements up to 1h 10s (hold) but source `in` tolerates 30s (tolerance); add buffer = { type = \"disk\" } to `hourly` (or a stage before it)"),
+            "{}",
+            w[0]
+        );
+    }
+
+    #[test]
+    fn a_disk_buffer_at_or_before_the_holding_stage_ends_the_warning() {
+        let disk = "buffer = { type = \"disk\" }";
+        assert_eq!(warnings(&chain("", disk)), Vec::<String>::new());
+        assert_eq!(warnings(&chain(disk, "")), Vec::<String>::new());
+        // A memory buffer does not acknowledge: still a warning.
+        let memory = "buffer = { max_batches = 4 }";
+        assert_eq!(warnings(&chain(memory, "")).len(), 1);
+    }
+
+    #[test]
+    fn holds_within_the_tolerance_and_tolerant_sources_do_not_warn() {
+        let within = chain("", "").replace("hold = \"1h 10s\"", "hold = \"30s\"");
+        assert_eq!(warnings(&within), Vec::<String>::new());
+        let tolerant = chain("", "").replace("tolerance = \"30s\"", "tolerance = \"2h\"");
+        assert_eq!(warnings(&tolerant), Vec::<String>::new());
+    }
 }

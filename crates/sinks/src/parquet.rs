@@ -1186,6 +1186,11 @@ impl<W: Write + Send + Written> Writer<W> {
 
 #[async_trait]
 impl SinkConfig for ParquetSinkConfig {
+    /// A record is acknowledged once its file is closed and uploaded: up to `max_age`.
+    fn ack_hold(&self) -> Option<(Duration, &'static str)> {
+        Some((self.max_age.0, "max_age"))
+    }
+
     async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Sink>, BoxError> {
         let destination = Destination::parse(&self.destination)?;
         let key = KeyTemplate::parse(&self.key)?;

@@ -259,6 +259,18 @@ impl SourceConfig for KafkaSourceConfig {
         true
     }
 
+    /// `max.poll.interval.ms` (librdkafka default 300000): the time the group gives a member
+    /// before moving its partitions. Held records are not committed, so a rebalance (after
+    /// `drain_timeout`) or a restart reads everything held again; keep holds below it.
+    fn ack_tolerance(&self) -> Option<(Duration, &'static str)> {
+        let ms = self
+            .librdkafka_options
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(300_000);
+        Some((Duration::from_millis(ms), "max.poll.interval.ms"))
+    }
+
     async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Source>, BoxError> {
         let client_id = format!("sluice-{}-{}", cx.pipeline_id, cx.name);
         let props = self.client_config(&client_id)?;

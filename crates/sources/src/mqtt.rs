@@ -228,6 +228,15 @@ impl SourceConfig for MqttSourceConfig {
         self.qos > 0
     }
 
+    /// `keep_alive`: the plan-time bound on how long a QoS 1/2 message may wait for its ack.
+    /// The poller pings while it waits, but a stage that holds acks stalls the source well
+    /// before that at any real rate: once `max_inflight` messages (or the broker's own
+    /// inflight limit, mosquitto's `max_inflight_messages`, default 20) are unacknowledged,
+    /// nothing more is read, and a window that needs newer records to close waits for them.
+    fn ack_tolerance(&self) -> Option<(Duration, &'static str)> {
+        Some((self.connection.keep_alive.0, "keep_alive"))
+    }
+
     async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Source>, BoxError> {
         let connector = Connector::new(&self.connection, &cx.pipeline_id, &cx.name)?;
         let qos = sluice_mqtt::qos(self.qos)?;

@@ -102,6 +102,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::redelivery;
 
+/// SQS's cap on a message's visibility timeout, extensions included.
+const MAX_VISIBILITY_SECS: u64 = 12 * 3600;
 /// Most entries SQS accepts in one `DeleteMessageBatch` / `ChangeMessageVisibilityBatch`.
 const MAX_BATCH_ENTRIES: usize = 10;
 /// A batch in flight for `visibility_timeout / EXTEND_AFTER_DIVISOR` gets its visibility
@@ -501,6 +503,18 @@ pub async fn client(region: Option<&str>, endpoint_url: Option<&str>) -> Result<
 impl SourceConfig for SqsConfig {
     fn acknowledges(&self) -> bool {
         true
+    }
+
+    /// SQS's 12 h cap on a message's visibility: the source extends the visibility of slow
+    /// messages, so `visibility_timeout` itself is no limit, but SQS refuses to extend past
+    /// 12 h and then hands the message out again. (A long hold at a high rate can also reach
+    /// the queue's in-flight quota, 120,000 messages on a standard queue; that depends on the
+    /// rate, not checked here.)
+    fn ack_tolerance(&self) -> Option<(Duration, &'static str)> {
+        Some((
+            Duration::from_secs(MAX_VISIBILITY_SECS),
+            "SQS's 12h visibility limit",
+        ))
     }
 
     async fn build(&self, _cx: &BuildContext) -> Result<Box<dyn Source>, BoxError> {

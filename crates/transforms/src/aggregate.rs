@@ -182,6 +182,18 @@ impl TransformConfig for AggregateConfig {
     fn outputs(&self) -> Vec<String> {
         vec![LATE.to_string()]
     }
+
+    /// A window's inputs are acknowledged once its rollup is written: after the window's
+    /// length plus `allowed_lateness` (a session lasts at least `gap`, longer while records
+    /// keep coming).
+    fn ack_hold(&self) -> Option<(Duration, &'static str)> {
+        let (length, what) = match (self.window, self.gap) {
+            (Some(w), _) => (w.0, "window + allowed_lateness"),
+            (None, Some(g)) => (g.0, "gap + allowed_lateness"),
+            (None, None) => return None,
+        };
+        Some((length.saturating_add(self.allowed_lateness.0), what))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
