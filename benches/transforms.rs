@@ -51,6 +51,7 @@ fn cx() -> BuildContext {
     BuildContext {
         name: "bench".into(),
         pipeline_id: "bench".into(),
+        state_dir: None,
     }
 }
 

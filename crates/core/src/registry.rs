@@ -31,6 +31,10 @@ pub struct BuildContext {
     pub name: String,
     /// The pipeline's id (`[pipeline] id`, default: the first file's stem).
     pub pipeline_id: String,
+    /// Where the component may keep state across restarts (`<data_dir>/<pipeline id>/<name>`;
+    /// not created until the component writes there). `None` when nothing is to be persisted
+    /// (unit tests, benches).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// Configuration of a source type.

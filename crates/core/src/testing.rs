@@ -50,6 +50,7 @@ impl SourceHarness {
             .build(&BuildContext {
                 name: name.to_string(),
                 pipeline_id: pipeline_id.to_string(),
+                state_dir: None,
             })
             .await?;
         let shutdown = CancellationToken::new();
@@ -155,6 +156,7 @@ impl SinkHarness {
             .build(&BuildContext {
                 name: name.to_string(),
                 pipeline_id: pipeline_id.to_string(),
+                state_dir: None,
             })
             .await?;
         let task = tokio::spawn(async move {

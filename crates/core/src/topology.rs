@@ -415,6 +415,7 @@ impl Plan {
             let cx = BuildContext {
                 name: n.decl.name.clone(),
                 pipeline_id: pipeline_id.clone(),
+                state_dir: Some(self.config.component_dir(&n.decl.name)),
             };
             let result = match &n.parsed {
                 ParsedConfig::Source(c) => c.build(&cx).await.map(Built::Source),
@@ -601,10 +602,12 @@ async fn run_transform(
     if input.abandoned() || below_disk_buffer.is_some_and(|s| s.is_cancelled()) {
         // Shutdown with a disk buffer upstream: open state (windows) is dropped, not flushed
         // as partial output; its records were not released and are replayed at the next start.
+        t.save_state();
         return Ok(());
     }
     t.flush(&mut out);
     emit(&outputs, &mut out).await?;
+    t.save_state();
     Ok(())
 }
 

@@ -65,7 +65,14 @@ pub trait Transform: Send {
     fn on_tick(&mut self, _now: i64, _out: &mut TransformOutput) {}
 
     /// Called once at shutdown, after the input drained: emit whatever state is still held.
+    /// Not called when the input was abandoned at shutdown by a disk buffer upstream (open
+    /// state is then rebuilt by replay at the next start).
     fn flush(&mut self, _out: &mut TransformOutput) {}
+
+    /// Called last, at every orderly end (after `flush`, or instead of it when the input was
+    /// abandoned): persist long-lived state (baselines, last-seen tables) to the component's
+    /// `state_dir`. Default: nothing.
+    fn save_state(&mut self) {}
 }
 
 /// Records produced by one call of a transform, per output name.

@@ -548,6 +548,7 @@ mod tests {
         let cx = BuildContext {
             name: "alerts".into(),
             pipeline_id: "p".into(),
+            state_dir: None,
         };
         let err = c.build(&cx).await.err().expect("refused");
         assert!(err.to_string().contains("U+0009"), "{err}");

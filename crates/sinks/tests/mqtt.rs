@@ -52,6 +52,7 @@ async fn start(config: &MqttSinkConfig) -> Running {
             // other's connection over (mosquitto drops the older one: QoS 0 publishes lost,
             // QoS 1 ones duplicated).
             pipeline_id: testing::unique("mqtt-sink-tests"),
+            state_dir: None,
         })
         .await
         .expect("sink builds");

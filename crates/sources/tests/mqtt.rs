@@ -50,6 +50,7 @@ async fn start(config: &MqttSourceConfig, name: &str) -> Running {
         .build(&BuildContext {
             name: name.to_string(),
             pipeline_id: "mqtt-tests".to_string(),
+            state_dir: None,
         })
         .await
         .expect("source builds");

@@ -176,6 +176,7 @@ async fn start(url: &str, receivers: usize, tweak: impl FnOnce(&mut SqsConfig)) 
         .build(&BuildContext {
             name: "sqs".to_string(),
             pipeline_id: "sqs-tests".to_string(),
+            state_dir: None,
         })
         .await
         .expect("source builds");

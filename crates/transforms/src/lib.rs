@@ -70,6 +70,7 @@ pub(crate) mod testing {
         BuildContext {
             name: "t".into(),
             pipeline_id: "test".into(),
+            state_dir: None,
         }
     }
 

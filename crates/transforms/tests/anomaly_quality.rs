@@ -105,6 +105,7 @@ fn alerts_of(run: &Run, detector: DetectorConfig) -> Vec<(String, i64, String)> 
     let cx = BuildContext {
         name: "quality".into(),
         pipeline_id: "test".into(),
+        state_dir: None,
     };
     let mut stage = Detector::new(&config, &cx).expect("valid config");
     let mut alerts = Vec::new();
