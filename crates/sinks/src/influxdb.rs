@@ -380,7 +380,10 @@ enum Outcome {
 impl Writer {
     fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.config.token {
-            Some(token) => req.header(reqwest::header::AUTHORIZATION, format!("Token {token}")),
+            Some(token) => req.header(
+                reqwest::header::AUTHORIZATION,
+                format!("Token {}", token.expose()),
+            ),
             None => req,
         }
     }
