@@ -976,7 +976,7 @@ mod tests {
             !(&Probe(Secret::new("x"))).shows(),
             "Secret must not implement Display; use expose()"
         );
-        assert!((&Probe(String::new())).shows(), "the probe detects Display");
+        assert!(Probe(String::new()).shows(), "the probe detects Display");
 
         let mut o = PassthroughOptions::default();
         for (k, v) in [
