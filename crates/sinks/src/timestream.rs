@@ -20,6 +20,9 @@
 //! window, …) go to `dead_letter` with the reason, and the rest of their request is delivered.
 //! Throttling, 5xx and network errors are retried with capped exponential backoff; a request
 //! still failing after `retry.max_retries` is reported `Errored` (the source redelivers).
+//! Every attempt has a deadline (`connect_timeout`, `timeout`): an endpoint that stops
+//! answering is retried the same way, each timeout logged at WARN with the endpoint and
+//! counted in the sink's `timeouts` metric.
 //! Access denied or a missing table stop the sink.
 //!
 //! With `endpoint_url` set (a local emulator), endpoint discovery is skipped and a plain client
@@ -106,9 +109,13 @@ pub struct TimestreamConfig {
     /// `WriteRecords` requests in flight at once. Default 4.
     #[serde(default = "default_in_flight")]
     pub in_flight: usize,
-    /// Timeout of one request attempt. Default "30s".
+    /// Deadline of one request attempt (connect, send, answer); a timed-out attempt is
+    /// retried like a 5xx (`retry`), logged at WARN and counted in `timeouts`. Default "30s".
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
+    /// Deadline for opening a connection. Default "10s".
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
     /// Retries of throttling, 5xx and network errors. Default: 8 retries, 100ms doubling up to
     /// 30s.
     #[serde(default)]
@@ -179,6 +186,9 @@ fn default_in_flight() -> usize {
 fn default_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
 
 #[async_trait]
 impl SinkConfig for TimestreamConfig {
@@ -189,6 +199,12 @@ impl SinkConfig for TimestreamConfig {
         }
         if self.mode == Mode::Multi && self.measure_name.is_empty() {
             return Err(format!("sink `{name}`: `measure_name` must not be empty").into());
+        }
+        if self.timeout.0.is_zero() || self.connect_timeout.0.is_zero() {
+            return Err(format!(
+                "sink `{name}`: `timeout` and `connect_timeout` must be above zero"
+            )
+            .into());
         }
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(
@@ -211,6 +227,7 @@ impl SinkConfig for TimestreamConfig {
             .retry_config(SdkRetryConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()
+                    .connect_timeout(self.connect_timeout.0)
                     .operation_attempt_timeout(self.timeout.0)
                     .build(),
             );
@@ -220,6 +237,13 @@ impl SinkConfig for TimestreamConfig {
             conf = conf.endpoint_url(url);
         }
         let client = Client::from_conf(conf.build());
+        let endpoint = match endpoint_url {
+            Some(url) => url.to_string(),
+            None => format!(
+                "the discovered Timestream ingestion endpoint of {}",
+                sdk.region().map(|r| r.as_ref()).unwrap_or("?")
+            ),
+        };
         let client = if endpoint_url.is_some() {
             client
         } else {
@@ -233,6 +257,7 @@ impl SinkConfig for TimestreamConfig {
             client,
             config: self.clone(),
             name: name.clone(),
+            endpoint,
         };
         writer.prepare().await?;
         Ok(Box::new(TimestreamSink { writer }))
@@ -476,12 +501,16 @@ struct Writer {
     client: Client,
     config: TimestreamConfig,
     name: String,
+    /// Where requests go, for messages.
+    endpoint: String,
 }
 
 /// What a failed attempt means.
 enum Failure {
-    /// Retry later (throttling, 5xx, network, timeouts).
+    /// Retry later (throttling, 5xx, network).
     Transient(String),
+    /// The attempt ran out of time (`timeout` / `connect_timeout`): retried like `Transient`.
+    TimedOut(String),
     /// Stop the sink (access denied, missing table, bad credentials).
     Fatal(String),
     /// Some records refused: (Timestream record index, reason).
@@ -552,6 +581,7 @@ impl Writer {
 
     async fn deliver(&self, mut req: Request, cx: &SinkContext) -> Result<(), BoxError> {
         let mut backoff = Backoff::new(self.config.retry);
+        let timeouts = cx.metrics.counter("timeouts");
         loop {
             let started = Instant::now();
             let result = self.write(&req).await;
@@ -563,8 +593,16 @@ impl Writer {
                 }
                 Err(f) => f,
             };
+            let failure = match failure {
+                Failure::TimedOut(e) => {
+                    timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(sink = %self.name, endpoint = %self.endpoint, timeout = %self.config.timeout, records = req.records.len(), "Timestream WriteRecords to {} timed out: {e}", self.endpoint);
+                    Failure::Transient(e)
+                }
+                other => other,
+            };
             match failure {
-                Failure::Transient(e) => match backoff.next_delay(None) {
+                Failure::TimedOut(e) | Failure::Transient(e) => match backoff.next_delay(None) {
                     Some(delay) => {
                         tracing::warn!(sink = %self.name, error = %e, retry = backoff.retries(), delay_ms = delay.as_millis() as u64, "write failed; retrying");
                         tokio::time::sleep(delay).await;
@@ -676,6 +714,8 @@ impl Writer {
                 }
                 _ => classify_unknown(status, err.code(), text, &self.name),
             },
+            SdkError::TimeoutError(_) => Failure::TimedOut(text),
+            SdkError::DispatchFailure(d) if d.is_timeout() => Failure::TimedOut(text),
             _ => match status {
                 Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
                     classify_unknown(status, err.code(), text, &self.name)
