@@ -18,6 +18,9 @@
 //! (dimension value ≤ 1 KiB, record ≤ 2 KiB); records over them, with NaN/infinite values or
 //! refused by Timestream (`RejectedRecordsException`: version conflict, outside the retention
 //! window, …) go to `dead_letter` with the reason, and the rest of their request is delivered.
+//! A request refused as a whole without per-record detail (`ValidationException`, another
+//! 4xx) is split in halves and each half sent again, down to single records: only the
+//! records Timestream refuses on their own are dead-lettered.
 //! Throttling, 5xx and network errors are retried with capped exponential backoff; a request
 //! still failing after `retry.max_retries` is reported `Errored` (the source redelivers).
 //! Every attempt has a deadline (`connect_timeout`, `timeout`): an endpoint that stops
@@ -277,6 +280,29 @@ struct Request {
     records: Vec<Record>,
 }
 
+impl Request {
+    /// Splits off the second half of the records (with their Timestream records); both
+    /// halves keep the common dimensions, which every record of the request has.
+    fn split_off_half(&mut self) -> Request {
+        let mid = self.records.len() / 2;
+        let records = self.records.split_off(mid);
+        let at = self.owner.partition_point(|&o| o < mid);
+        let ts = self.ts.split_off(at);
+        let owner = self
+            .owner
+            .split_off(at)
+            .into_iter()
+            .map(|o| o - mid)
+            .collect();
+        Request {
+            dimensions: self.dimensions.clone(),
+            ts,
+            owner,
+            records,
+        }
+    }
+}
+
 /// A record converted for Timestream: its dimensions and its Timestream record(s).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Converted {
@@ -515,7 +541,7 @@ enum Failure {
     Fatal(String),
     /// Some records refused: (Timestream record index, reason).
     Rejected(Vec<(usize, String)>),
-    /// The whole request is invalid (validation).
+    /// The whole request is invalid (validation), without saying which record: split it.
     Invalid(String),
 }
 
@@ -579,7 +605,28 @@ impl Writer {
         Ok(())
     }
 
-    async fn deliver(&self, mut req: Request, cx: &SinkContext) -> Result<(), BoxError> {
+    /// Delivers a request; one refused as a whole without per-record detail is split in
+    /// halves, each delivered on its own, down to single records (which are dead-lettered).
+    async fn deliver(&self, req: Request, cx: &SinkContext) -> Result<(), BoxError> {
+        let mut work = vec![req];
+        while let Some(req) = work.pop() {
+            if let Some(refused) = self.deliver_one(req, cx).await? {
+                let mut first = refused;
+                let second = first.split_off_half();
+                work.push(second);
+                work.push(first);
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers one request with retries. Returns it back when it holds several records and
+    /// was refused as a whole (`Failure::Invalid`), for the caller to split.
+    async fn deliver_one(
+        &self,
+        mut req: Request,
+        cx: &SinkContext,
+    ) -> Result<Option<Request>, BoxError> {
         let mut backoff = Backoff::new(self.config.retry);
         let timeouts = cx.metrics.counter("timeouts");
         loop {
@@ -589,7 +636,7 @@ impl Writer {
             let failure = match result {
                 Ok(()) => {
                     finish(cx, &mut req.records, BatchStatus::Delivered);
-                    return Ok(());
+                    return Ok(None);
                 }
                 Err(f) => f,
             };
@@ -611,7 +658,7 @@ impl Writer {
                         tracing::error!(sink = %self.name, error = %e, records = req.records.len(), "giving up after {} retries; records will be redelivered", backoff.retries());
                         cx.metrics.add_errors(req.records.len());
                         finish(cx, &mut req.records, BatchStatus::Errored);
-                        return Ok(());
+                        return Ok(None);
                     }
                 },
                 Failure::Fatal(e) => {
@@ -619,9 +666,13 @@ impl Writer {
                     finish(cx, &mut req.records, BatchStatus::Errored);
                     return Err(e.into());
                 }
+                Failure::Invalid(e) if req.records.len() > 1 => {
+                    tracing::debug!(sink = %self.name, error = %e, records = req.records.len(), "request refused as a whole; splitting it to find the bad records");
+                    return Ok(Some(req));
+                }
                 Failure::Invalid(e) => {
                     cx.reject(std::mem::take(&mut req.records), &e).await;
-                    return Ok(());
+                    return Ok(None);
                 }
                 Failure::Rejected(rejected) => {
                     // Reasons per input record (a record's single-measure records may be
@@ -650,7 +701,7 @@ impl Writer {
                         }
                     }
                     finish(cx, &mut delivered, BatchStatus::Delivered);
-                    return Ok(());
+                    return Ok(None);
                 }
             }
         }
@@ -875,6 +926,29 @@ mod tests {
         assert!(convert(&cfg, &r)
             .expect_err("no fields")
             .contains("no non-null field"));
+    }
+
+    #[test]
+    fn splitting_a_request_keeps_each_records_timestream_records() {
+        let cfg = config(Mode::Single);
+        let items: Vec<(Converted, Record)> = (0..5)
+            .map(|i| {
+                let r = record(&format!("d{i}"));
+                (convert(&cfg, &r).expect("converts"), r)
+            })
+            .collect();
+        let mut first = plan_requests(items).pop().expect("one request");
+        let second = first.split_off_half();
+        for (req, n) in [(&first, 2), (&second, 3)] {
+            assert_eq!(req.records.len(), n);
+            assert_eq!(req.ts.len(), n * 4);
+            assert_eq!(req.owner.len(), n * 4);
+            for (ts, owner) in req.ts.iter().zip(&req.owner) {
+                let device = req.records[*owner].tag("device_id").expect("device");
+                let on_record = ts.dimensions().iter().find(|d| d.name() == "device_id");
+                assert_eq!(on_record.map(|d| d.value()), Some(device));
+            }
+        }
     }
 
     #[test]
