@@ -128,9 +128,10 @@ impl JsonSchema for ByteSize {
 }
 
 /// A password, token or key from a pipeline file. `Debug` prints `***`, so a config printed
-/// with `{:?}` (a log line, a panic, an error) does not leak it; `expose` gives the value.
-/// `Display` also writes the value, because building a header or a credential is what the
-/// secret is for; never log it with `{}`. Written in TOML as a plain string.
+/// with `{:?}` (a log line, a panic, an error) does not leak it. There is deliberately no
+/// `Display`: the value is only reachable through [`Secret::expose`], so every use of it is
+/// explicit and greppable, and `format!("{token}")` into a log line or URL does not compile.
+/// Written in TOML as a plain string.
 #[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -149,12 +150,6 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
     }
 }
 
@@ -981,6 +976,28 @@ mod tests {
         assert_eq!(s.expose(), "hunter2");
         assert_eq!(format!("{s:?}"), "***");
         assert_eq!(format!("{:?}", Some(s)), "Some(***)");
+
+        // No `Display`: `format!("{token}")` must not compile, so a secret cannot slip into a
+        // log line or URL by accident (issue 13, item 11c). Autoref probe: the first method
+        // found is `ViaDisplay::shows` only when `Secret: Display`.
+        struct Probe<T>(T);
+        trait ViaDisplay {
+            fn shows(&self) -> bool {
+                true
+            }
+        }
+        impl<T: fmt::Display> ViaDisplay for Probe<T> {}
+        trait ViaAny {
+            fn shows(&self) -> bool {
+                false
+            }
+        }
+        impl<T> ViaAny for &Probe<T> {}
+        assert!(
+            !(&Probe(Secret::new("x"))).shows(),
+            "Secret must not implement Display; use expose()"
+        );
+        assert!(Probe(String::new()).shows(), "the probe detects Display");
 
         let mut o = PassthroughOptions::default();
         for (k, v) in [

@@ -26,6 +26,7 @@
 //! naming the bucket. Dead-lettering them would acknowledge records no server has.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,7 +79,9 @@ pub struct InfluxDbConfig {
     /// Write requests in flight at once. Default 4.
     #[serde(default = "default_in_flight")]
     pub in_flight: usize,
-    /// Timeout of one HTTP request. Default "30s".
+    /// Deadline of one HTTP request (connecting: at most 10s of it). A request that times out
+    /// is retried like a 5xx (`retry`), logged at WARN with the URL and counted in `timeouts`.
+    /// Default "30s".
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
     /// Retries of transient failures (429, 5xx, timeouts, connection errors). Default: 8
@@ -380,7 +383,10 @@ enum Outcome {
 impl Writer {
     fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.config.token {
-            Some(token) => req.header(reqwest::header::AUTHORIZATION, format!("Token {token}")),
+            Some(token) => req.header(
+                reqwest::header::AUTHORIZATION,
+                format!("Token {}", token.expose()),
+            ),
             None => req,
         }
     }
@@ -455,10 +461,11 @@ impl Writer {
     /// `Delivered`, dead-lettered (`Rejected`) or `Errored`; `Err` for 401/403, and for
     /// 404/405 once retried `retry.max_retries` times.
     async fn deliver(&self, req: Request, cx: &SinkContext) -> Result<(), BoxError> {
+        let timeouts = cx.metrics.counter("timeouts");
         let mut work = vec![req];
         while let Some(mut req) = work.pop() {
             let started = Instant::now();
-            let outcome = self.send(&req).await;
+            let outcome = self.send(&req, &timeouts).await;
             cx.metrics.observe_latency(started.elapsed());
             match outcome {
                 Outcome::Written => {
@@ -538,7 +545,7 @@ impl Writer {
     }
 
     /// One request with retries of transient failures.
-    async fn send(&self, req: &Request) -> Outcome {
+    async fn send(&self, req: &Request, timeouts: &AtomicI64) -> Outcome {
         let body = if self.config.gzip {
             match gzip(&req.body) {
                 Ok(b) => b,
@@ -599,6 +606,17 @@ impl Writer {
                             ))
                         }
                     }
+                }
+                Err(e) if e.is_timeout() => {
+                    timeouts.fetch_add(1, Ordering::Relaxed);
+                    (
+                        format!(
+                            "request to {} timed out (timeout {}): {e}",
+                            self.write_url, self.config.timeout
+                        ),
+                        None,
+                        false,
+                    )
                 }
                 Err(e) => (
                     format!("request to {} failed: {e}", self.write_url),

@@ -17,17 +17,23 @@
 //! stored it (with `acks = "all"`: every in-sync replica). Errors that no retry of *that
 //! record* can fix — message too large or invalid, an invalid topic name, a topic or key
 //! template the record cannot fill — send the record to the sink's `dead_letter` output.
-//! Anything else (broker down, timeouts, leader changes) is retried: librdkafka retries
-//! internally until `message_timeout`, then the sink re-sends with backoff (`retry`), and after
-//! the last retry the batch is reported `Errored` so the source redelivers it. A missing topic
-//! or a refused authorization is a fault of the setup, not of the record: it is retried the
-//! same way (someone may create the topic or grant the ACL), and after the last retry the
-//! records are `Errored` and the sink stops with an error naming the topic.
+//! Anything else (broker down, timeouts, leader changes) is retried by librdkafka until
+//! `message_timeout`; a record still undelivered then is reported `Errored`, logged at WARN
+//! with the brokers and counted in `timeouts`, and the source redelivers it. A missing topic or
+//! a refused authorization is a fault of the setup, not of the record: librdkafka waits for
+//! the topic the same way, then the records are `Errored` and the sink stops with an error
+//! naming the topic.
 //!
-//! Idempotence (`enable.idempotence`, on by default) keeps librdkafka's internal retries from
-//! writing duplicates or reordering a partition; re-sends by the sink after a timeout can still
-//! duplicate a message (at-least-once).
+//! **Order.** Records are handed to the producer in the order the sink receives them, from one
+//! task; only the waiting for delivery reports runs for `in_flight_batches` batches at once.
+//! With idempotence (`enable.idempotence`, on by default, which caps librdkafka at 5 requests
+//! in flight per broker), librdkafka's retries neither duplicate nor reorder a partition, so a
+//! key's records are written in order. The sink never re-sends a record itself: a re-send
+//! would land behind newer records of its key. A record that fails after `message_timeout` is
+//! `Errored`: its redelivery by the source comes after the newer records (at-least-once);
+//! raise `message_timeout` to ride out longer broker outages.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,7 +42,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -52,7 +58,6 @@ use tokio::task::JoinSet;
 
 pub use crate::encoding::Format;
 use crate::encoding::{payload, Template};
-use crate::retry::{Backoff, RetryConfig};
 
 /// Compression of produced batches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -144,16 +149,14 @@ pub struct KafkaSinkConfig {
     #[serde(default = "default_batch_size")]
     pub batch_size: ByteSize,
     /// How long librdkafka keeps retrying one message before reporting it failed
-    /// (`message.timeout.ms`). Default "60s".
+    /// (`message.timeout.ms`); the record is then `Errored` (redelivered by the source), the
+    /// timeout logged at WARN and counted in `timeouts`. Default "60s".
     #[serde(default = "default_message_timeout")]
     pub message_timeout: HumanDuration,
-    /// Sink batches being delivered at the same time. Default 4.
+    /// Sink batches whose delivery reports are awaited at the same time (they are produced one
+    /// after the other, in input order). Default 4.
     #[serde(default = "default_in_flight")]
     pub in_flight_batches: usize,
-    /// Re-sends of messages that failed with a transient error after `message_timeout`.
-    /// Default: 8 retries, "100ms" doubling to "30s".
-    #[serde(default)]
-    pub retry: RetryConfig,
     /// Any other librdkafka producer property (security.protocol, sasl.*, ssl.*, …), passed
     /// as is; see librdkafka's CONFIGURATION.md. `Debug` prints `***` for values whose key
     /// names a secret (sasl.password, …). Default {}.
@@ -206,7 +209,6 @@ impl KafkaSinkConfig {
             batch_size: default_batch_size(),
             message_timeout: default_message_timeout(),
             in_flight_batches: default_in_flight(),
-            retry: RetryConfig::default(),
             librdkafka_options: PassthroughOptions::default(),
             batch: default_batch(),
         }
@@ -268,7 +270,8 @@ impl SinkConfig for KafkaSinkConfig {
                 key,
                 header_tags: self.header_tags.clone(),
                 format: self.format,
-                retry: self.retry,
+                bootstrap: self.bootstrap_servers.clone(),
+                message_timeout: self.message_timeout,
             }),
             in_flight: self.in_flight_batches,
             batch: self.batch,
@@ -282,7 +285,9 @@ struct Shared {
     key: Option<Template>,
     header_tags: Vec<String>,
     format: Format,
-    retry: RetryConfig,
+    /// The brokers, for messages.
+    bootstrap: String,
+    message_timeout: HumanDuration,
 }
 
 struct KafkaSink {
@@ -334,11 +339,11 @@ struct Prepared {
     payload: Bytes,
 }
 
-/// What became of the messages of one send round.
+/// What became of one message.
 enum Outcome {
     Delivered,
     /// See [`Failure`].
-    Failed(Failure, String),
+    Failed(Failure, KafkaError),
 }
 
 impl Shared {
@@ -372,21 +377,33 @@ impl Shared {
         headers
     }
 
-    /// Produces every message and waits for all delivery reports.
-    async fn send_all(&self, items: &[(Prepared, Option<OwnedHeaders>)]) -> Vec<Outcome> {
-        let mut futures = Vec::with_capacity(items.len());
-        for (p, headers) in items {
+    /// Hands every record of `batch` to the producer, in order (waiting while librdkafka's
+    /// queue is full), and returns what to wait for. Records that cannot be prepared are
+    /// returned for the dead letter.
+    async fn produce(&self, batch: Batch) -> Produced {
+        let mut produced = Produced {
+            waiting: Vec::with_capacity(batch.len()),
+            rejected: Vec::new(),
+        };
+        for r in batch.records {
+            let p = match self.prepare(&r) {
+                Ok(p) => p,
+                Err(e) => {
+                    produced.rejected.push((r, e));
+                    continue;
+                }
+            };
             let mut rec = FutureRecord::to(&p.topic).payload(&p.payload[..]);
             if let Some(k) = &p.key {
                 rec = rec.key(k.as_str());
             }
-            if let Some(h) = headers {
-                rec = rec.headers(h.clone());
+            if let Some(h) = self.headers(&r) {
+                rec = rec.headers(h);
             }
             loop {
                 match self.producer.send_result(rec) {
                     Ok(f) => {
-                        futures.push(Ok(f));
+                        produced.waiting.push((r, p, Ok(f)));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -395,106 +412,81 @@ impl Shared {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
-                        futures.push(Err(e));
+                        // Refused before queueing (e.g. larger than message.max.bytes).
+                        produced.waiting.push((r, p, Err(e)));
                         break;
                     }
                 }
             }
         }
-        let failed = |e: KafkaError| Outcome::Failed(classify(&e), e.to_string());
-        join_all(futures.into_iter().map(|f| async move {
-            match f {
-                Ok(f) => match f.await {
-                    Ok(Ok(_)) => Outcome::Delivered,
-                    Ok(Err((e, _))) => failed(e),
-                    Err(_) => Outcome::Failed(Failure::Transient, "producer shut down".into()),
-                },
-                // Refused before queueing (e.g. larger than message.max.bytes).
-                Err(e) => failed(e),
-            }
-        }))
-        .await
+        produced
     }
 }
 
-/// Writes one batch: dead-letters what cannot be written, retries transient failures, and
-/// reports the rest delivered (or errored after the last retry). `Err` (the sink must stop)
-/// when the last retry still failed for a [`Failure::Setup`] reason.
-async fn write(shared: Arc<Shared>, batch: Batch, cx: Arc<SinkContext>) -> Result<(), String> {
-    let started = Instant::now();
+/// One batch handed to the producer.
+struct Produced {
+    waiting: Vec<(Record, Prepared, Result<DeliveryFuture, KafkaError>)>,
+    rejected: Vec<(Record, String)>,
+}
+
+/// Waits for the delivery reports of one produced batch: dead-letters what cannot be written,
+/// reports the rest delivered or `Errored` (never re-sent here: see the module docs on order).
+/// `Err` (the sink must stop) when a record failed for a [`Failure::Setup`] reason.
+async fn settle(
+    shared: Arc<Shared>,
+    produced: Produced,
+    started: Instant,
+    cx: Arc<SinkContext>,
+) -> Result<(), String> {
     let metrics: &ComponentMetrics = &cx.metrics;
-    let mut pending: Vec<(Record, Prepared, Option<OwnedHeaders>)> =
-        Vec::with_capacity(batch.len());
-    let mut rejected: Vec<(Record, String)> = Vec::new();
-    for r in batch.records {
-        match shared.prepare(&r) {
-            Ok(p) => {
-                let h = shared.headers(&r);
-                pending.push((r, p, h));
+    let Produced {
+        waiting,
+        mut rejected,
+    } = produced;
+    let outcomes = join_all(waiting.into_iter().map(|(r, p, f)| async move {
+        let outcome = match f {
+            Ok(f) => match f.await {
+                Ok(Ok(_)) => Outcome::Delivered,
+                Ok(Err((e, _))) => Outcome::Failed(classify(&e), e),
+                Err(_) => Outcome::Failed(Failure::Transient, KafkaError::Canceled),
+            },
+            Err(e) => Outcome::Failed(classify(&e), e),
+        };
+        (r, p, outcome)
+    }))
+    .await;
+    let mut delivered: Vec<Record> = Vec::with_capacity(outcomes.len());
+    let mut errored: Vec<Record> = Vec::new();
+    let mut timed_out = 0usize;
+    let mut last_error: Option<String> = None;
+    let mut setup_error: Option<(String, String)> = None;
+    for (r, p, outcome) in outcomes {
+        match outcome {
+            Outcome::Delivered => {
+                metrics.add_bytes(p.payload.len());
+                delivered.push(r);
             }
-            Err(e) => rejected.push((r, e)),
+            Outcome::Failed(Failure::Record, e) => rejected.push((r, format!("kafka: {e}"))),
+            Outcome::Failed(failure, e) => {
+                if is_timeout(&e) {
+                    timed_out += 1;
+                }
+                if failure == Failure::Setup {
+                    setup_error = Some((p.topic.clone(), e.to_string()));
+                }
+                last_error = Some(e.to_string());
+                errored.push(r);
+            }
         }
     }
-    let mut delivered: Vec<Record> = Vec::with_capacity(pending.len());
-    let mut backoff = Backoff::new(shared.retry);
-    let mut errored: Vec<Record> = Vec::new();
-    let mut stop: Option<String> = None;
-    while !pending.is_empty() {
-        let items: Vec<(Prepared, Option<OwnedHeaders>)> = pending
-            .iter_mut()
-            .map(|(_, p, h)| {
-                (
-                    Prepared {
-                        topic: std::mem::take(&mut p.topic),
-                        key: p.key.take(),
-                        payload: p.payload.clone(),
-                    },
-                    h.take(),
-                )
-            })
-            .collect();
-        let outcomes = shared.send_all(&items).await;
-        let mut retry = Vec::new();
-        let mut last_error = String::new();
-        let mut setup_error: Option<(String, String)> = None;
-        for (((r, _, _), (p, h)), outcome) in pending.into_iter().zip(items).zip(outcomes) {
-            match outcome {
-                Outcome::Delivered => {
-                    metrics.add_bytes(p.payload.len());
-                    delivered.push(r);
-                }
-                Outcome::Failed(Failure::Record, e) => rejected.push((r, format!("kafka: {e}"))),
-                Outcome::Failed(failure, e) => {
-                    if failure == Failure::Setup {
-                        setup_error = Some((p.topic.clone(), e.clone()));
-                    }
-                    last_error = e;
-                    retry.push((r, p, h));
-                }
-            }
-        }
-        pending = retry;
-        if pending.is_empty() {
-            break;
-        }
-        match backoff.next_delay(None) {
-            Some(d) => {
-                tracing::warn!(sink = %cx.name, error = %last_error, records = pending.len(), retry_in = ?d, "kafka delivery failed; retrying");
-                tokio::time::sleep(d).await;
-            }
-            None => {
-                tracing::error!(sink = %cx.name, error = %last_error, records = pending.len(), "kafka delivery failed after the last retry; records will be redelivered");
-                stop = setup_error.map(|(topic, e)| {
-                    format!(
-                        "sink `{}`: kafka refused topic {topic:?} after {} retries: {e}; create the topic (or enable auto-creation) and check the client's ACLs (Write, Describe) on it",
-                        cx.name,
-                        backoff.retries()
-                    )
-                });
-                errored = pending.into_iter().map(|(r, _, _)| r).collect();
-                break;
-            }
-        }
+    if timed_out > 0 {
+        metrics
+            .counter("timeouts")
+            .fetch_add(timed_out as i64, Ordering::Relaxed);
+        tracing::warn!(sink = %cx.name, brokers = %shared.bootstrap, records = timed_out, message_timeout = %shared.message_timeout, "kafka delivery to {} timed out; records will be redelivered", shared.bootstrap);
+    }
+    if let Some(e) = &last_error {
+        tracing::error!(sink = %cx.name, brokers = %shared.bootstrap, error = %e, records = errored.len(), "kafka delivery failed after librdkafka's retries; records will be redelivered");
     }
     if !delivered.is_empty() {
         metrics.add_out(delivered.len());
@@ -509,7 +501,25 @@ async fn write(shared: Arc<Shared>, batch: Batch, cx: Arc<SinkContext>) -> Resul
         cx.reject(vec![r], &reason).await;
     }
     metrics.observe_latency(started.elapsed());
-    stop.map_or(Ok(()), Err)
+    match setup_error {
+        Some((topic, e)) => Err(format!(
+            "sink `{}`: kafka refused topic {topic:?} (after waiting up to message_timeout {}): {e}; create the topic (or enable auto-creation) and check the client's ACLs (Write, Describe) on it",
+            cx.name, shared.message_timeout
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether a delivery failed because its time ran out (`message_timeout`, request timeouts).
+fn is_timeout(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::OperationTimedOut
+        )
+    )
 }
 
 #[async_trait]
@@ -524,12 +534,15 @@ impl Sink for KafkaSink {
                 .acquire_owned()
                 .await
                 .map_err(|e| format!("kafka sink: {e}"))?;
+            // Produced here, batch after batch, so the producer sees the input order.
+            let started = Instant::now();
+            let produced = self.shared.produce(batch).await;
             let shared = self.shared.clone();
             let cx = cx.clone();
             tasks.spawn(async move {
-                let written = write(shared, batch, cx).await;
+                let settled = settle(shared, produced, started, cx).await;
                 drop(permit);
-                written
+                settled
             });
             while let Some(done) = tasks.try_join_next() {
                 done.map_err(|e| format!("kafka sink write task failed: {e}"))??;

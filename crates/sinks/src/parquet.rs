@@ -1358,6 +1358,9 @@ impl Sink for ParquetSink {
         mut input: SinkInput,
         cx: SinkContext,
     ) -> Result<(), BoxError> {
+        if let Store::S3(store) = &self.store {
+            store.observe(&cx.name, cx.metrics.counter("timeouts"));
+        }
         // `SinkInput::next_batch` is not cancel-safe, so it runs in its own task and hands
         // batches over a channel; this loop can then also wake up for `max_age` while idle.
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);

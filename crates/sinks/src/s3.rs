@@ -6,11 +6,20 @@
 //! smaller than one part is sent with a single `PutObject`. Uploads left incomplete by a crash
 //! are aborted on start-up once older than `cleanup_after` (or by a bucket lifecycle rule
 //! `AbortIncompleteMultipartUpload`, recommended in production).
+//!
+//! Every request has a deadline (`connect_timeout`, `timeout` per attempt): a server that
+//! accepts connections but never answers makes the request fail after the SDK's attempts
+//! instead of stalling the sink. Each such failure is logged at WARN with the endpoint and
+//! counted in the sink's `timeouts` metric; the file's records are `Errored` (redelivered).
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::Region;
+use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
@@ -20,7 +29,7 @@ use aws_smithy_http_client::tls;
 use bytes::Bytes;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use sluice_core::config::ByteSize;
+use sluice_core::config::{ByteSize, HumanDuration};
 
 /// The S3 minimum size of every part but the last.
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -65,10 +74,26 @@ pub struct S3Options {
     /// part plus one row group. Default "8MiB".
     #[serde(default = "default_part_size")]
     pub part_size: ByteSize,
+    /// Deadline of one request attempt (connect, send, answer): a server that stops
+    /// answering fails the request after the SDK's 3 attempts instead of stalling the sink;
+    /// the file's records are then `Errored` (redelivered), the timeout logged at WARN and
+    /// counted in `timeouts`. Allow for uploading one `part_size` on the slowest link.
+    /// Default "60s".
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+    /// Deadline for opening a connection. Default "10s".
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
 }
 
 fn default_part_size() -> ByteSize {
     ByteSize(8 * 1024 * 1024)
+}
+fn default_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 impl Default for S3Options {
@@ -81,6 +106,8 @@ impl Default for S3Options {
             sse: None,
             sse_kms_key_id: None,
             part_size: default_part_size(),
+            timeout: default_timeout(),
+            connect_timeout: default_connect_timeout(),
         }
     }
 }
@@ -91,19 +118,32 @@ pub struct Store {
     client: Client,
     bucket: String,
     prefix: String,
-    options: S3Options,
+    options: Arc<S3Options>,
+    /// Where requests go, for messages: the endpoint URL or the region's AWS host.
+    endpoint: String,
+    /// The sink's name and `timeouts` counter, set by [`Store::observe`] when it runs.
+    observer: Arc<OnceLock<(String, Arc<AtomicI64>)>>,
 }
 
 /// Turns an SDK error into a message that includes the service's error code and message.
-fn describe<E: std::error::Error + 'static>(what: &str, key: &str, e: E) -> String {
+fn describe<E: std::error::Error + 'static>(what: &str, key: &str, e: &E) -> String {
     let mut msg = format!("S3 {what} of {key}: {e}");
-    let mut source = std::error::Error::source(&e);
+    let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
         source = s.source();
     }
     msg
+}
+
+/// Whether a request failed because it ran out of time (attempt deadline or connect timeout).
+fn is_timeout<E, R>(e: &SdkError<E, R>) -> bool {
+    match e {
+        SdkError::TimeoutError(_) => true,
+        SdkError::DispatchFailure(d) => d.is_timeout(),
+        _ => false,
+    }
 }
 
 impl Store {
@@ -135,18 +175,69 @@ impl Store {
                     .into(),
             );
         }
-        let mut config =
-            aws_sdk_s3::config::Builder::from(&sdk).force_path_style(options.force_path_style);
-        // An empty value (`endpoint_url = "${VAR:-}"` with VAR unset) means "not set".
-        if let Some(url) = options.endpoint_url.as_deref().filter(|u| !u.is_empty()) {
-            config = config.endpoint_url(url);
+        if options.timeout.0.is_zero() || options.connect_timeout.0.is_zero() {
+            return Err("`s3.timeout` and `s3.connect_timeout` must be above zero".into());
         }
+        let mut config = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(options.force_path_style)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(options.connect_timeout.0)
+                    .operation_attempt_timeout(options.timeout.0)
+                    .build(),
+            );
+        // An empty value (`endpoint_url = "${VAR:-}"` with VAR unset) means "not set".
+        let endpoint = match options.endpoint_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => {
+                config = config.endpoint_url(url);
+                url.to_string()
+            }
+            None => format!(
+                "https://s3.{}.amazonaws.com",
+                sdk.region().map(|r| r.as_ref()).unwrap_or("?")
+            ),
+        };
         Ok(Store {
             client: Client::from_conf(config.build()),
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
-            options: options.clone(),
+            options: Arc::new(options.clone()),
+            endpoint,
+            observer: Arc::default(),
         })
+    }
+
+    /// Names the sink in timeout warnings and counts timeouts in `timeouts` (the sink's
+    /// metric); called once the sink runs. Later calls are ignored.
+    pub fn observe(&self, sink: &str, timeouts: Arc<AtomicI64>) {
+        let _ = self.observer.set((sink.to_string(), timeouts));
+    }
+
+    /// The message for a failed request; a timeout is also logged at WARN and counted.
+    fn failed<E, R>(&self, what: &str, key: &str, e: SdkError<E, R>) -> String
+    where
+        E: std::error::Error + 'static,
+        R: std::fmt::Debug + 'static,
+    {
+        let msg = describe(what, key, &e);
+        if is_timeout(&e) {
+            let sink = match self.observer.get() {
+                Some((sink, timeouts)) => {
+                    timeouts.fetch_add(1, Ordering::Relaxed);
+                    sink.as_str()
+                }
+                None => "",
+            };
+            tracing::warn!(
+                sink,
+                endpoint = %self.endpoint,
+                operation = what,
+                timeout = %self.options.timeout,
+                "S3 request to {} timed out: {msg}",
+                self.endpoint
+            );
+        }
+        msg
     }
 
     /// The full object key of `relative` (prefix + relative).
@@ -172,7 +263,7 @@ impl Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| describe("HeadBucket", &self.url(""), e))
+            .map_err(|e| self.failed("HeadBucket", &self.url(""), e))
     }
 
     /// Aborts multipart uploads under the prefix that were started more than `older_than` ago
@@ -197,7 +288,7 @@ impl Store {
                 .set_upload_id_marker(id_marker.take())
                 .send()
                 .await
-                .map_err(|e| describe("ListMultipartUploads", &self.url(&self.prefix), e))?;
+                .map_err(|e| self.failed("ListMultipartUploads", &self.url(&self.prefix), e))?;
             for upload in page.uploads() {
                 let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
                     continue;
@@ -211,7 +302,7 @@ impl Store {
                         .upload_id(id)
                         .send()
                         .await
-                        .map_err(|e| describe("AbortMultipartUpload", key, e))?;
+                        .map_err(|e| self.failed("AbortMultipartUpload", key, e))?;
                     aborted += 1;
                 }
             }
@@ -273,7 +364,7 @@ impl Upload {
             .set_ssekms_key_id(s.options.sse_kms_key_id.clone())
             .send()
             .await
-            .map_err(|e| describe("CreateMultipartUpload", &self.key, e))?;
+            .map_err(|e| s.failed("CreateMultipartUpload", &self.key, e))?;
         let id = out
             .upload_id()
             .ok_or_else(|| {
@@ -302,7 +393,7 @@ impl Upload {
             .body(ByteStream::from(data))
             .send()
             .await
-            .map_err(|e| describe("UploadPart", &self.key, e))?;
+            .map_err(|e| s.failed("UploadPart", &self.key, e))?;
         self.parts.push(
             CompletedPart::builder()
                 .set_e_tag(out.e_tag().map(str::to_string))
@@ -334,7 +425,7 @@ impl Upload {
                 .body(ByteStream::from(tail))
                 .send()
                 .await
-                .map_err(|e| describe("PutObject", &self.key, e))?;
+                .map_err(|e| s.failed("PutObject", &self.key, e))?;
             return Ok(());
         }
         if !tail.is_empty() {
@@ -353,7 +444,7 @@ impl Upload {
             )
             .send()
             .await
-            .map_err(|e| describe("CompleteMultipartUpload", &self.key, e))?;
+            .map_err(|e| s.failed("CompleteMultipartUpload", &self.key, e))?;
         self.upload_id = None;
         Ok(())
     }
@@ -374,7 +465,8 @@ impl Upload {
             .send()
             .await
         {
-            tracing::warn!(key = %self.key, error = %describe("AbortMultipartUpload", &self.key, e), "left an incomplete multipart upload");
+            let error = s.failed("AbortMultipartUpload", &self.key, e);
+            tracing::warn!(key = %self.key, %error, "left an incomplete multipart upload");
         }
     }
 }

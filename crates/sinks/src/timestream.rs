@@ -18,8 +18,14 @@
 //! (dimension value ≤ 1 KiB, record ≤ 2 KiB); records over them, with NaN/infinite values or
 //! refused by Timestream (`RejectedRecordsException`: version conflict, outside the retention
 //! window, …) go to `dead_letter` with the reason, and the rest of their request is delivered.
+//! A request refused as a whole without per-record detail (`ValidationException`, another
+//! 4xx) is split in halves and each half sent again, down to single records: only the
+//! records Timestream refuses on their own are dead-lettered.
 //! Throttling, 5xx and network errors are retried with capped exponential backoff; a request
 //! still failing after `retry.max_retries` is reported `Errored` (the source redelivers).
+//! Every attempt has a deadline (`connect_timeout`, `timeout`): an endpoint that stops
+//! answering is retried the same way, each timeout logged at WARN with the endpoint and
+//! counted in the sink's `timeouts` metric.
 //! Access denied or a missing table stop the sink.
 //!
 //! With `endpoint_url` set (a local emulator), endpoint discovery is skipped and a plain client
@@ -106,9 +112,13 @@ pub struct TimestreamConfig {
     /// `WriteRecords` requests in flight at once. Default 4.
     #[serde(default = "default_in_flight")]
     pub in_flight: usize,
-    /// Timeout of one request attempt. Default "30s".
+    /// Deadline of one request attempt (connect, send, answer); a timed-out attempt is
+    /// retried like a 5xx (`retry`), logged at WARN and counted in `timeouts`. Default "30s".
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
+    /// Deadline for opening a connection. Default "10s".
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
     /// Retries of throttling, 5xx and network errors. Default: 8 retries, 100ms doubling up to
     /// 30s.
     #[serde(default)]
@@ -179,6 +189,9 @@ fn default_in_flight() -> usize {
 fn default_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
 
 #[async_trait]
 impl SinkConfig for TimestreamConfig {
@@ -189,6 +202,12 @@ impl SinkConfig for TimestreamConfig {
         }
         if self.mode == Mode::Multi && self.measure_name.is_empty() {
             return Err(format!("sink `{name}`: `measure_name` must not be empty").into());
+        }
+        if self.timeout.0.is_zero() || self.connect_timeout.0.is_zero() {
+            return Err(format!(
+                "sink `{name}`: `timeout` and `connect_timeout` must be above zero"
+            )
+            .into());
         }
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(
@@ -211,6 +230,7 @@ impl SinkConfig for TimestreamConfig {
             .retry_config(SdkRetryConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()
+                    .connect_timeout(self.connect_timeout.0)
                     .operation_attempt_timeout(self.timeout.0)
                     .build(),
             );
@@ -220,6 +240,13 @@ impl SinkConfig for TimestreamConfig {
             conf = conf.endpoint_url(url);
         }
         let client = Client::from_conf(conf.build());
+        let endpoint = match endpoint_url {
+            Some(url) => url.to_string(),
+            None => format!(
+                "the discovered Timestream ingestion endpoint of {}",
+                sdk.region().map(|r| r.as_ref()).unwrap_or("?")
+            ),
+        };
         let client = if endpoint_url.is_some() {
             client
         } else {
@@ -233,6 +260,7 @@ impl SinkConfig for TimestreamConfig {
             client,
             config: self.clone(),
             name: name.clone(),
+            endpoint,
         };
         writer.prepare().await?;
         Ok(Box::new(TimestreamSink { writer }))
@@ -250,6 +278,29 @@ struct Request {
     ts: Vec<TsRecord>,
     owner: Vec<usize>,
     records: Vec<Record>,
+}
+
+impl Request {
+    /// Splits off the second half of the records (with their Timestream records); both
+    /// halves keep the common dimensions, which every record of the request has.
+    fn split_off_half(&mut self) -> Request {
+        let mid = self.records.len() / 2;
+        let records = self.records.split_off(mid);
+        let at = self.owner.partition_point(|&o| o < mid);
+        let ts = self.ts.split_off(at);
+        let owner = self
+            .owner
+            .split_off(at)
+            .into_iter()
+            .map(|o| o - mid)
+            .collect();
+        Request {
+            dimensions: self.dimensions.clone(),
+            ts,
+            owner,
+            records,
+        }
+    }
 }
 
 /// A record converted for Timestream: its dimensions and its Timestream record(s).
@@ -476,17 +527,21 @@ struct Writer {
     client: Client,
     config: TimestreamConfig,
     name: String,
+    /// Where requests go, for messages.
+    endpoint: String,
 }
 
 /// What a failed attempt means.
 enum Failure {
-    /// Retry later (throttling, 5xx, network, timeouts).
+    /// Retry later (throttling, 5xx, network).
     Transient(String),
+    /// The attempt ran out of time (`timeout` / `connect_timeout`): retried like `Transient`.
+    TimedOut(String),
     /// Stop the sink (access denied, missing table, bad credentials).
     Fatal(String),
     /// Some records refused: (Timestream record index, reason).
     Rejected(Vec<(usize, String)>),
-    /// The whole request is invalid (validation).
+    /// The whole request is invalid (validation), without saying which record: split it.
     Invalid(String),
 }
 
@@ -550,8 +605,30 @@ impl Writer {
         Ok(())
     }
 
-    async fn deliver(&self, mut req: Request, cx: &SinkContext) -> Result<(), BoxError> {
+    /// Delivers a request; one refused as a whole without per-record detail is split in
+    /// halves, each delivered on its own, down to single records (which are dead-lettered).
+    async fn deliver(&self, req: Request, cx: &SinkContext) -> Result<(), BoxError> {
+        let mut work = vec![req];
+        while let Some(req) = work.pop() {
+            if let Some(refused) = self.deliver_one(req, cx).await? {
+                let mut first = refused;
+                let second = first.split_off_half();
+                work.push(second);
+                work.push(first);
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers one request with retries. Returns it back when it holds several records and
+    /// was refused as a whole (`Failure::Invalid`), for the caller to split.
+    async fn deliver_one(
+        &self,
+        mut req: Request,
+        cx: &SinkContext,
+    ) -> Result<Option<Request>, BoxError> {
         let mut backoff = Backoff::new(self.config.retry);
+        let timeouts = cx.metrics.counter("timeouts");
         loop {
             let started = Instant::now();
             let result = self.write(&req).await;
@@ -559,12 +636,20 @@ impl Writer {
             let failure = match result {
                 Ok(()) => {
                     finish(cx, &mut req.records, BatchStatus::Delivered);
-                    return Ok(());
+                    return Ok(None);
                 }
                 Err(f) => f,
             };
+            let failure = match failure {
+                Failure::TimedOut(e) => {
+                    timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(sink = %self.name, endpoint = %self.endpoint, timeout = %self.config.timeout, records = req.records.len(), "Timestream WriteRecords to {} timed out: {e}", self.endpoint);
+                    Failure::Transient(e)
+                }
+                other => other,
+            };
             match failure {
-                Failure::Transient(e) => match backoff.next_delay(None) {
+                Failure::TimedOut(e) | Failure::Transient(e) => match backoff.next_delay(None) {
                     Some(delay) => {
                         tracing::warn!(sink = %self.name, error = %e, retry = backoff.retries(), delay_ms = delay.as_millis() as u64, "write failed; retrying");
                         tokio::time::sleep(delay).await;
@@ -573,7 +658,7 @@ impl Writer {
                         tracing::error!(sink = %self.name, error = %e, records = req.records.len(), "giving up after {} retries; records will be redelivered", backoff.retries());
                         cx.metrics.add_errors(req.records.len());
                         finish(cx, &mut req.records, BatchStatus::Errored);
-                        return Ok(());
+                        return Ok(None);
                     }
                 },
                 Failure::Fatal(e) => {
@@ -581,9 +666,13 @@ impl Writer {
                     finish(cx, &mut req.records, BatchStatus::Errored);
                     return Err(e.into());
                 }
+                Failure::Invalid(e) if req.records.len() > 1 => {
+                    tracing::debug!(sink = %self.name, error = %e, records = req.records.len(), "request refused as a whole; splitting it to find the bad records");
+                    return Ok(Some(req));
+                }
                 Failure::Invalid(e) => {
                     cx.reject(std::mem::take(&mut req.records), &e).await;
-                    return Ok(());
+                    return Ok(None);
                 }
                 Failure::Rejected(rejected) => {
                     // Reasons per input record (a record's single-measure records may be
@@ -612,7 +701,7 @@ impl Writer {
                         }
                     }
                     finish(cx, &mut delivered, BatchStatus::Delivered);
-                    return Ok(());
+                    return Ok(None);
                 }
             }
         }
@@ -676,6 +765,8 @@ impl Writer {
                 }
                 _ => classify_unknown(status, err.code(), text, &self.name),
             },
+            SdkError::TimeoutError(_) => Failure::TimedOut(text),
+            SdkError::DispatchFailure(d) if d.is_timeout() => Failure::TimedOut(text),
             _ => match status {
                 Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => {
                     classify_unknown(status, err.code(), text, &self.name)
@@ -835,6 +926,29 @@ mod tests {
         assert!(convert(&cfg, &r)
             .expect_err("no fields")
             .contains("no non-null field"));
+    }
+
+    #[test]
+    fn splitting_a_request_keeps_each_records_timestream_records() {
+        let cfg = config(Mode::Single);
+        let items: Vec<(Converted, Record)> = (0..5)
+            .map(|i| {
+                let r = record(&format!("d{i}"));
+                (convert(&cfg, &r).expect("converts"), r)
+            })
+            .collect();
+        let mut first = plan_requests(items).pop().expect("one request");
+        let second = first.split_off_half();
+        for (req, n) in [(&first, 2), (&second, 3)] {
+            assert_eq!(req.records.len(), n);
+            assert_eq!(req.ts.len(), n * 4);
+            assert_eq!(req.owner.len(), n * 4);
+            for (ts, owner) in req.ts.iter().zip(&req.owner) {
+                let device = req.records[*owner].tag("device_id").expect("device");
+                let on_record = ts.dimensions().iter().find(|d| d.name() == "device_id");
+                assert_eq!(on_record.map(|d| d.value()), Some(device));
+            }
+        }
     }
 
     #[test]

@@ -665,3 +665,132 @@ async fn templated_bucket_keeps_tenants_apart_and_dead_letters_records_without_t
         .as_str()
         .is_some_and(|e| e.contains("needs tag `tenant`"))));
 }
+
+/// A hung endpoint (issue 13, 9c): a private VictoriaMetrics frozen with SIGSTOP accepts
+/// connections but never answers. Each request times out after `timeout`, is counted in
+/// `timeouts` and retried; once the server is thawed (SIGCONT) the records are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_server_times_out_is_retried_then_delivers() {
+    use sluice_core::ack::{self, BatchStatus};
+    use sluice_core::record::{Batch, Record, Value};
+    use sluice_core::testing::{status_within, SinkHarness};
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut vm = std::process::Command::new("victoria-metrics")
+        .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+        .arg(format!("-storageDataPath={}", data.path().display()))
+        .args(["-retentionPeriod=100y", "-search.latencyOffset=0s"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("victoria-metrics (scripts/services.sh start victoriametrics installs it)");
+    let pid = vm.id().to_string();
+    let signal = |sig: &str| {
+        let _ = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status();
+    };
+    // Killed (and thawed first) even when an assertion fails.
+    struct Reap(String);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for sig in ["-CONT", "-KILL"] {
+                let _ = std::process::Command::new("kill")
+                    .args([sig, &self.0])
+                    .status();
+            }
+        }
+    }
+    let _reap = Reap(pid.clone());
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "private VictoriaMetrics did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("http://127.0.0.1:{port}");
+    let config: sluice_sinks::influxdb::InfluxDbConfig = toml::from_str(&format!(
+        r#"
+url = "{url}"
+org = "o"
+bucket = "b"
+measurement = "frozen"
+timeout = "1s"
+retry = {{ initial_backoff = "100ms", max_backoff = "1s", max_retries = 1000 }}
+"#
+    ))
+    .expect("config");
+    let sink = SinkHarness::start(&config, "influx_frozen", "timeouts")
+        .await
+        .expect("sink builds while the server answers");
+
+    signal("-STOP");
+    let records: Vec<Record> = (0..30)
+        .map(|i| {
+            let mut r = Record::new(1_767_225_600_000_000_000 + i * 1_000_000_000);
+            r.set_tag("device_id", "frozen-1");
+            r.set_field("seq", Value::I64(i));
+            r
+        })
+        .collect();
+    let (f, mut status) = ack::batch();
+    let mut batch = Batch::new(records);
+    for r in &mut batch.records {
+        r.finalizers.push(f.clone());
+    }
+    f.finish(BatchStatus::Delivered);
+    sink.out.send(batch).await.expect("send");
+    let timeouts = sink.metrics.counter("timeouts");
+    let started = Instant::now();
+    while timeouts.load(Ordering::Relaxed) < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timeouts counted: {}",
+            timeouts.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status.try_status(), None, "still retrying while frozen");
+
+    signal("-CONT");
+    assert_eq!(
+        status_within(status, Duration::from_secs(60)).await,
+        Some(BatchStatus::Delivered)
+    );
+    sink.stop(Duration::from_secs(30))
+        .await
+        .expect("sink stops");
+    let http = reqwest::Client::new();
+    http.get(format!("{url}/internal/force_flush"))
+        .send()
+        .await
+        .expect("force_flush");
+    let export = http
+        .post(format!("{url}/api/v1/export"))
+        .form(&[("match[]", "frozen_seq")])
+        .send()
+        .await
+        .expect("export")
+        .text()
+        .await
+        .expect("export body");
+    let mut seqs: Vec<i64> = Vec::new();
+    for line in export.lines() {
+        let series: serde_json::Value = serde_json::from_str(line).expect("export JSON");
+        for v in series["values"].as_array().expect("values") {
+            seqs.push(v.as_f64().expect("number") as i64);
+        }
+    }
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs, (0..30).collect::<Vec<_>>(), "every record written");
+    let _ = vm.kill();
+    let _ = vm.wait();
+}

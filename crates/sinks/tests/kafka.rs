@@ -446,3 +446,274 @@ async fn two_instances_share_partitions_and_take_over() {
     assert_eq!(total, n, "everything committed: {offsets:?}");
     a.stop(Duration::from_secs(20)).await.expect("a stops");
 }
+
+/// A Kafka-compatible broker of this test only (the tansu binary `scripts/services.sh`
+/// builds), on a free port, so that it can be frozen without touching the shared one.
+struct PrivateBroker {
+    child: std::process::Child,
+    bootstrap: String,
+}
+
+impl PrivateBroker {
+    fn start() -> Self {
+        let home = std::env::var("HOME").unwrap_or_default();
+        let root = std::env::var("SLUICE_TANSU_ROOT")
+            .unwrap_or_else(|_| format!("{home}/.cache/sluice/tansu"));
+        let tansu = std::path::PathBuf::from(root).join("bin/tansu");
+        assert!(
+            tansu.exists(),
+            "no tansu at {}: run `scripts/services.sh start tansu`",
+            tansu.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start a private tansu");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "private tansu did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        PrivateBroker {
+            child,
+            bootstrap: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let _ = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads every message of `topic` on `bootstrap`: (partition, key, payload) in offset order
+/// per partition.
+async fn read_all(bootstrap: &str, topic: &str, n: usize) -> Vec<(i32, Option<String>, Vec<u8>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", unique("order-reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut last = std::time::Instant::now();
+        while std::time::Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    last = std::time::Instant::now();
+                    out.push((
+                        m.partition(),
+                        m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        m.payload().unwrap_or_default().to_vec(),
+                    ));
+                }
+                Some(Err(e)) => panic!("consuming {topic}: {e}"),
+                None if out.len() >= n && last.elapsed() > Duration::from_secs(3) => break,
+                None => {}
+            }
+        }
+        out
+    })
+    .await
+    .expect("consumer thread")
+}
+
+/// Sends `batches` batches of 50 records (3 keys, `seq` counting up) to a kafka sink on a
+/// private broker, freezing the broker for `freeze` a third of the way in. Returns each batch's
+/// status and each key's `seq`s in the topic's order.
+async fn ordered_run(
+    message_timeout: &str,
+    freeze: Duration,
+) -> (
+    Vec<Option<BatchStatus>>,
+    BTreeMap<String, Vec<i64>>,
+    i64,
+    i64,
+) {
+    let broker = PrivateBroker::start();
+    let topic = unique("order");
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &broker.bootstrap)
+                .create()
+                .expect("admin");
+        for r in admin
+            .create_topics(
+                &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .expect("create topic")
+        {
+            r.expect("topic created");
+        }
+    }
+    let mut config = KafkaSinkConfig::new(&broker.bootstrap, &topic);
+    config.key = Some("{device_id}".into());
+    config.in_flight_batches = 4;
+    config.linger = "1ms".parse().expect("duration");
+    config.message_timeout = message_timeout.parse().expect("duration");
+    // Requests to the frozen broker time out after 1s and librdkafka retries them.
+    for (k, v) in [
+        ("request.timeout.ms", "1000"),
+        ("socket.timeout.ms", "1000"),
+        ("retry.backoff.ms", "50"),
+        ("batch.num.messages", "20"),
+    ] {
+        config.librdkafka_options.insert(k.into(), v.into());
+    }
+    let sink = SinkHarness::start(&config, "ordered", "kafka-tests")
+        .await
+        .expect("sink builds");
+    let (devices, batches, per_batch) = (3i64, 60i64, 50i64);
+    let mut statuses = Vec::new();
+    let mut seq = 0i64;
+    for b in 0..batches {
+        if b == batches / 3 {
+            broker.signal("-STOP");
+        }
+        if b == batches / 3 + 10 {
+            // Frozen while batches keep coming.
+            tokio::time::sleep(freeze).await;
+            broker.signal("-CONT");
+        }
+        let records: Vec<Record> = (0..per_batch)
+            .map(|_| {
+                let mut r = Record::new(1_764_000_000_000_000_000 + seq);
+                r.set_tag("device_id", format!("dev-{}", seq % devices));
+                r.set_field("seq", Value::I64(seq));
+                seq += 1;
+                r
+            })
+            .collect();
+        let (f, status) = ack::batch();
+        let mut batch = Batch::new(records);
+        for r in &mut batch.records {
+            r.finalizers.push(f.clone());
+        }
+        f.finish(BatchStatus::Delivered);
+        sink.out.send(batch).await.expect("send to sink");
+        statuses.push(status);
+    }
+    let mut finals = Vec::new();
+    for status in statuses {
+        finals.push(status_within(status, Duration::from_secs(120)).await);
+    }
+    let timeouts = sink
+        .metrics
+        .counter("timeouts")
+        .load(std::sync::atomic::Ordering::Relaxed);
+    sink.stop(Duration::from_secs(30))
+        .await
+        .expect("sink stops");
+    let got = read_all(&broker.bootstrap, &topic, seq as usize).await;
+    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (_, key, payload) in &got {
+        let v: serde_json::Value = serde_json::from_slice(payload).expect("JSON payload");
+        per_key
+            .entry(key.clone().expect("keyed"))
+            .or_default()
+            .push(v["seq"].as_i64().expect("seq"));
+    }
+    (finals, per_key, seq, timeouts)
+}
+
+/// The first pair of a key's `seq`s in the topic that is out of order or repeated.
+fn first_inversion(seqs: &[i64]) -> Option<(usize, i64, i64)> {
+    seqs.windows(2)
+        .enumerate()
+        .find(|(_, w)| w[1] <= w[0])
+        .map(|(i, w)| (i, w[0], w[1]))
+}
+
+/// Per-key order (issue 13, 11b): many records of the same keys across many concurrent
+/// batches, with the broker frozen mid-stream so that the producer's requests time out and
+/// librdkafka retries them (idempotent producer), arrive in the order the sink received
+/// them, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_keeps_its_order_across_batches_and_retries() {
+    init();
+    let (statuses, per_key, n, _) = ordered_run("60s", Duration::from_secs(3)).await;
+    for (i, status) in statuses.iter().enumerate() {
+        assert_eq!(*status, Some(BatchStatus::Delivered), "batch {i}");
+    }
+    assert_eq!(per_key.len(), 3);
+    for (key, seqs) in &per_key {
+        assert_eq!(
+            first_inversion(seqs),
+            None,
+            "{key}: out of order or repeated"
+        );
+        let want: Vec<i64> = (0..n)
+            .filter(|s| format!("dev-{}", s % 3) == *key)
+            .collect();
+        assert_eq!(seqs, &want, "{key}: every record once, in order");
+    }
+}
+
+/// A record that still fails after `message_timeout` is not re-sent by the sink (a re-send
+/// lands behind newer records of its key): its batch is `Errored`, for the source to
+/// redeliver, and what the topic holds stays in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_record_is_not_resent_out_of_order() {
+    init();
+    let (statuses, per_key, _, timeouts) = ordered_run("2s", Duration::from_secs(6)).await;
+    let errored = statuses
+        .iter()
+        .filter(|s| **s == Some(BatchStatus::Errored))
+        .count();
+    assert!(
+        statuses.iter().all(Option::is_some),
+        "every batch resolved: {statuses:?}"
+    );
+    for (key, seqs) in &per_key {
+        assert_eq!(
+            first_inversion(seqs),
+            None,
+            "{key}: {} messages, one out of order or repeated",
+            seqs.len()
+        );
+    }
+    assert!(
+        errored > 0,
+        "the freeze outlasted message_timeout: {statuses:?}"
+    );
+    assert!(timeouts > 0, "message timeouts counted in `timeouts`");
+}

@@ -427,3 +427,107 @@ async fn access_denied_and_missing_table_fail_at_start() {
         .iter()
         .all(|r| target(r) != "WriteRecords"));
 }
+
+/// Asserts two multisets of keys are equal, printing sizes and a few differences only.
+fn same(got: impl IntoIterator<Item = (String, String)>, want: Vec<(String, String)>, what: &str) {
+    let (got, want) = (counts(got), counts(want));
+    if got != want {
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|(k, n)| got.get(*k) != Some(n))
+            .take(5)
+            .collect();
+        let extra: Vec<_> = got
+            .iter()
+            .filter(|(k, n)| want.get(*k) != Some(n))
+            .take(5)
+            .collect();
+        panic!(
+            "{what}: {} keys, expected {}; expected but not so (first 5): {missing:?}; unexpected (first 5): {extra:?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// A `ValidationException` carries no per-record detail: the sink splits the request in halves
+/// until the bad record is alone, dead-letters only it and delivers the others (issue 13, 11a).
+/// moto's Timestream validates nothing, so the canned server refuses every request that holds
+/// a poison record (`seq % 97 == 5`) and stores the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_exception_is_bisected_down_to_the_bad_records() {
+    aws_env();
+    let accepted: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let poison: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let (acc, poi) = (accepted.clone(), poison.clone());
+    let server = start(move |req| match target(req) {
+        "DescribeTable" => describe_table(),
+        "WriteRecords" => {
+            let records = records_of(req);
+            let bad: Vec<_> = records
+                .iter()
+                .filter(|(_, seq)| seq % 97 == 5)
+                .map(|(k, _)| k.clone())
+                .collect();
+            if bad.is_empty() {
+                acc.lock()
+                    .expect("lock")
+                    .extend(records.into_iter().map(|(k, _)| k));
+                ok(json!({"RecordsIngested": {"Total": 1, "MemoryStore": 1, "MagneticStore": 0}}))
+            } else {
+                if records.len() == 1 {
+                    poi.lock().expect("lock").extend(bad);
+                }
+                aws_error(400, "ValidationException", json!({}))
+            }
+        }
+        other => Reply::new(400, format!("unexpected operation {other:?}")),
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = pipeline(
+        &server.url(),
+        "db",
+        dir.path(),
+        "devices = 3\ncount = 1200\nseed = 13",
+        "in_flight = 2",
+    );
+    run_pipeline(&toml).await.expect("pipeline runs");
+
+    let sent = read_json_lines(&dir.path().join("sent.jsonl"));
+    assert_eq!(sent.len(), 1200);
+    let bad_sent: Vec<_> = sent
+        .iter()
+        .filter(|r| r["fields"]["seq"].as_i64().expect("seq") % 97 == 5)
+        .map(key_of)
+        .collect();
+    assert!(
+        !bad_sent.is_empty(),
+        "the simulator produced poison records"
+    );
+    let good_sent: Vec<_> = sent
+        .iter()
+        .filter(|r| r["fields"]["seq"].as_i64().expect("seq") % 97 != 5)
+        .map(key_of)
+        .collect();
+    let dead = read_json_lines(&dir.path().join("dead.jsonl"));
+    same(
+        dead.iter().map(key_of),
+        bad_sent.clone(),
+        "only the records Timestream refuses are dead-lettered",
+    );
+    for d in &dead {
+        let error = d["error"].as_str().expect("reason");
+        assert!(error.contains("ValidationException"), "{error}");
+    }
+    same(
+        accepted.lock().expect("lock").clone(),
+        good_sent,
+        "every other record of the refused requests is delivered, once",
+    );
+    same(
+        poison.lock().expect("lock").clone(),
+        bad_sent,
+        "each poison record was isolated in a request of its own",
+    );
+}

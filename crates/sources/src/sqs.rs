@@ -473,7 +473,15 @@ fn add_tags(record: &mut Record, tags: &[(Name, Arc<str>)]) {
     }
 }
 
-/// Builds an SQS client from the standard credential chain, `region` and `endpoint_url`.
+/// Deadline for opening a connection to SQS.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one SQS request attempt: above the longest long poll (`wait_time` ≤ 20s), so
+/// only a hung endpoint trips it; the failed call is then logged and retried like any error.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Builds an SQS client from the standard credential chain, `region` and `endpoint_url`, with
+/// [`CONNECT_TIMEOUT`] and [`ATTEMPT_TIMEOUT`] (without them a frozen endpoint stalls a call
+/// forever).
 pub async fn client(region: Option<&str>, endpoint_url: Option<&str>) -> Result<Client, String> {
     // rustls with ring: the same crypto as the rest of the workspace, no aws-lc C build.
     let http = aws_smithy_http_client::Builder::new()
@@ -491,7 +499,12 @@ pub async fn client(region: Option<&str>, endpoint_url: Option<&str>) -> Result<
             "no AWS region: set `region` or AWS_REGION (or a region in the AWS profile)".into(),
         );
     }
-    let mut config = aws_sdk_sqs::config::Builder::from(&sdk);
+    let mut config = aws_sdk_sqs::config::Builder::from(&sdk).timeout_config(
+        aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+            .build(),
+    );
     // An empty value (`endpoint_url = "${VAR:-}"` with VAR unset) means "not set".
     if let Some(url) = endpoint_url.filter(|u| !u.is_empty()) {
         config = config.endpoint_url(url);
