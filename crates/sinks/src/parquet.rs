@@ -29,9 +29,24 @@
 //! record otherwise; `dead_letter` dead-letters any record with a mismatching value (an integer
 //! in a float column is always accepted).
 //!
+//! **Bounded schema.** A file has at most `max_columns` tag + field columns (default 1000): a
+//! record that would push the schema past it (devices inventing a field name per message) is
+//! dead-lettered with the reason. Columns not seen for `max_age` are forgotten to make room
+//! (declared ones never), so such a flood costs at most `max_columns` new columns per `max_age`.
+//!
+//! **Partition keys.** A rendered path segment longer than 200 bytes (a 300-character device
+//! id) keeps a readable prefix and ends in `~` + a 16-digit hash of the whole segment (stable
+//! across runs; distinct values stay distinct; the full value is still in the file's column).
+//! On S3 the whole key is shortened, longest segments first, to fit 1,024 bytes. A key that
+//! cannot fit, or a path the file system refuses (too long, invalid name), is a poison record:
+//! dead-lettered with the reason, never retried forever.
+//!
 //! **Files.** One open file per partition (`key` rendered from tags and event time), at most
 //! `max_open_files` (the least recently written is closed first). A file is closed at
-//! `max_file_size`, `max_records`, `max_age` or shutdown. Names are
+//! `max_file_size`, `max_records`, `max_age` or shutdown. Encoding runs on blocking threads,
+//! and a closing file is completed (final row group, fsync, rename, directory fsync, or the
+//! upload) in the background while the sink goes on reading; files being completed count
+//! against `max_open_files`. Names are
 //! `{UTC open time}-{instance id}-{sequence}.parquet`: unique and sortable, so a restart never
 //! overwrites. Local files are written as `.NAME.tmp` beside their final name and renamed (after
 //! fsync) when complete; S3 objects are streamed with multipart upload and exist only once the
@@ -191,8 +206,8 @@ pub struct ParquetSinkConfig {
     /// acknowledgements. Default "1m".
     #[serde(default = "default_max_age")]
     pub max_age: HumanDuration,
-    /// Open files (partitions being written) at most; the least recently written is closed to
-    /// open another. Default 64.
+    /// Open files (partitions being written, plus files still being completed) at most; the
+    /// least recently written is closed to open another. Default 64.
     #[serde(default = "default_max_open_files")]
     pub max_open_files: usize,
     /// Most tag + field columns a file may have (the time column not counted). A record that
