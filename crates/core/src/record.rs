@@ -18,21 +18,58 @@ use crate::ack::{BatchStatus, Finalizers};
 /// A shared, interned tag or field name.
 pub type Name = Arc<str>;
 
+/// Most names the interner holds (see [`intern`]).
+pub const MAX_INTERNED: usize = 16_384;
+
+struct Interner {
+    names: HashSet<Name>,
+    /// Names inserted or handed out un-interned since the last sweep: a sweep costs one pass
+    /// over the set, so it waits for MAX_INTERNED / 8 of these (amortised O(1) per call).
+    since_sweep: usize,
+}
+
+static NAMES: OnceLock<Mutex<Interner>> = OnceLock::new();
+
 /// Returns the shared [`Name`] for `s`, allocating it only the first time it is seen.
 ///
-/// The interner is global and grows with the number of *distinct* names, which in telemetry is
-/// small (field and tag keys, not values).
+/// The interner is global and bounded: tag and field keys of telemetry are few, but a device
+/// can choose its own (a new JSON key per message). Once it holds [`MAX_INTERNED`] names it
+/// forgets those nobody uses any more; if all are still in use, `s` is returned as a plain,
+/// un-shared `Arc<str>`. Names are therefore compared by value; pointer equality is only a
+/// fast path.
 pub fn intern(s: &str) -> Name {
-    static NAMES: OnceLock<Mutex<HashSet<Name>>> = OnceLock::new();
-    let names = NAMES.get_or_init(|| Mutex::new(HashSet::new()));
+    let interner = NAMES.get_or_init(|| {
+        Mutex::new(Interner {
+            names: HashSet::new(),
+            since_sweep: usize::MAX,
+        })
+    });
     // A poisoned lock only means another thread panicked while inserting; the set is still valid.
-    let mut set = names.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(existing) = set.get(s) {
+    let mut interner = interner.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(existing) = interner.names.get(s) {
         return existing.clone();
     }
     let name: Name = Arc::from(s);
-    set.insert(name.clone());
+    interner.since_sweep = interner.since_sweep.saturating_add(1);
+    if interner.names.len() >= MAX_INTERNED {
+        if interner.since_sweep >= MAX_INTERNED / 8 {
+            // A count of 1 is the set's own reference: no record, schema or config holds it.
+            interner.names.retain(|n| Arc::strong_count(n) > 1);
+            interner.since_sweep = 0;
+        }
+        if interner.names.len() >= MAX_INTERNED {
+            return name;
+        }
+    }
+    interner.names.insert(name.clone());
     name
+}
+
+/// Names held by the interner (at most [`MAX_INTERNED`]).
+pub fn interned_len() -> usize {
+    NAMES.get().map_or(0, |n| {
+        n.lock().unwrap_or_else(|p| p.into_inner()).names.len()
+    })
 }
 
 /// A typed field value. A field that is absent is simply not in [`Record::fields`]; `Null` is
@@ -316,6 +353,24 @@ mod tests {
         let a = intern("temp");
         let b = intern("temp");
         assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    /// Device-chosen names (a new JSON key per message) must not grow the interner forever.
+    #[test]
+    fn interner_is_bounded() {
+        let held = intern("still-held-name");
+        for i in 0..100_000 {
+            let n = intern(&format!("device-chosen-{i}"));
+            assert_eq!(&*n, format!("device-chosen-{i}"));
+        }
+        assert!(
+            interned_len() <= MAX_INTERNED,
+            "{} names interned",
+            interned_len()
+        );
+        // Names still in use stay shared through the sweeps.
+        assert!(Arc::ptr_eq(&held, &intern("still-held-name")));
+        assert!(interned_len() <= MAX_INTERNED);
     }
 
     #[test]

@@ -29,9 +29,24 @@
 //! record otherwise; `dead_letter` dead-letters any record with a mismatching value (an integer
 //! in a float column is always accepted).
 //!
+//! **Bounded schema.** A file has at most `max_columns` tag + field columns (default 1000): a
+//! record that would push the schema past it (devices inventing a field name per message) is
+//! dead-lettered with the reason. Columns not seen for `max_age` are forgotten to make room
+//! (declared ones never), so such a flood costs at most `max_columns` new columns per `max_age`.
+//!
+//! **Partition keys.** A rendered path segment longer than 200 bytes (a 300-character device
+//! id) keeps a readable prefix and ends in `~` + a 16-digit hash of the whole segment (stable
+//! across runs; distinct values stay distinct; the full value is still in the file's column).
+//! On S3 the whole key is shortened, longest segments first, to fit 1,024 bytes. A key that
+//! cannot fit, or a path the file system refuses (too long, invalid name), is a poison record:
+//! dead-lettered with the reason, never retried forever.
+//!
 //! **Files.** One open file per partition (`key` rendered from tags and event time), at most
 //! `max_open_files` (the least recently written is closed first). A file is closed at
-//! `max_file_size`, `max_records`, `max_age` or shutdown. Names are
+//! `max_file_size`, `max_records`, `max_age` or shutdown. Encoding runs on blocking threads,
+//! and a closing file is completed (final row group, fsync, rename, directory fsync, or the
+//! upload) in the background while the sink goes on reading; files being completed count
+//! against `max_open_files`. Names are
 //! `{UTC open time}-{instance id}-{sequence}.parquet`: unique and sortable, so a restart never
 //! overwrites. Local files are written as `.NAME.tmp` beside their final name and renamed (after
 //! fsync) when complete; S3 objects are streamed with multipart upload and exist only once the
@@ -98,6 +113,8 @@ pub enum Error {
     Arrow(#[from] arrow_schema::ArrowError),
     #[error("{0}")]
     S3(String),
+    #[error("encoding task failed: {0}")]
+    Task(String),
 }
 
 /// File format.
@@ -189,10 +206,16 @@ pub struct ParquetSinkConfig {
     /// acknowledgements. Default "1m".
     #[serde(default = "default_max_age")]
     pub max_age: HumanDuration,
-    /// Open files (partitions being written) at most; the least recently written is closed to
-    /// open another. Default 64.
+    /// Open files (partitions being written, plus files still being completed) at most; the
+    /// least recently written is closed to open another. Default 64.
     #[serde(default = "default_max_open_files")]
     pub max_open_files: usize,
+    /// Most tag + field columns a file may have (the time column not counted). A record that
+    /// would push the schema past it (e.g. devices inventing a field name per message) is
+    /// dead-lettered with the reason; columns not seen for `max_age` are forgotten to make
+    /// room. Default 1000.
+    #[serde(default = "default_max_columns")]
+    pub max_columns: usize,
     /// Name of the event-time column. Default "time".
     #[serde(default = "default_time_column")]
     pub time_column: String,
@@ -241,6 +264,9 @@ fn default_max_age() -> HumanDuration {
 }
 fn default_max_open_files() -> usize {
     64
+}
+fn default_max_columns() -> usize {
+    1000
 }
 fn default_time_column() -> String {
     "time".into()
@@ -323,6 +349,9 @@ pub struct KeyTemplate {
     /// specifiers only).
     cache: Option<(i64, Vec<String>)>,
     cacheable: bool,
+    /// Longest rendered key in bytes (S3: what the 1,024-byte object key leaves after the
+    /// prefix and the file name); `None` for a local directory.
+    max_len: Option<usize>,
 }
 
 /// Value written for a missing tag (the Hive convention, read back as NULL).
@@ -368,6 +397,7 @@ impl KeyTemplate {
             segments,
             cache: None,
             cacheable,
+            max_len: None,
         };
         if key
             .segments
@@ -379,8 +409,25 @@ impl KeyTemplate {
         Ok(key)
     }
 
+    /// Limits rendered keys to `max_len` bytes (see [`KeyTemplate::render`]).
+    pub fn with_max_len(mut self, max_len: usize) -> Self {
+        self.max_len = Some(max_len);
+        self
+    }
+
     /// Renders the key of `record` into `out` (cleared first).
-    pub fn render(&mut self, record: &Record, out: &mut String) {
+    ///
+    /// A path segment longer than [`MAX_SEGMENT`] bytes (a 300-character device id) keeps a
+    /// readable prefix and ends in `~` + a 16-digit hash of the whole segment, so distinct
+    /// values stay distinct and the name fits a file system's 255-byte limit. With a
+    /// `max_len`, the longest segments are shortened further until the key fits; the error
+    /// says why when it cannot.
+    pub fn render(&mut self, record: &Record, out: &mut String) -> Result<(), String> {
+        self.render_unlimited(record, out);
+        limit_key(out, self.max_len)
+    }
+
+    fn render_unlimited(&mut self, record: &Record, out: &mut String) {
         out.clear();
         let sec = record.time.div_euclid(1_000_000_000);
         let fresh = self.cacheable && matches!(&self.cache, Some((s, _)) if *s == sec);
@@ -413,6 +460,72 @@ impl KeyTemplate {
             }
         }
     }
+}
+
+/// Longest path segment (bytes) of a rendered key; file systems allow 255 per name.
+pub const MAX_SEGMENT: usize = 200;
+/// Shortest a segment is cut to when a whole key must shrink (a readable prefix + hash).
+const MIN_SEGMENT: usize = 40;
+/// Room kept in an S3 key for the file name (`{time}-{instance}-{sequence}.jsonl.gz`).
+const FILE_NAME_ROOM: usize = 64;
+/// S3's limit on an object key, in bytes.
+const S3_MAX_KEY: usize = 1024;
+
+/// Shortens over-long segments of `key` and, with `max_len`, the whole key (see
+/// [`KeyTemplate::render`]).
+fn limit_key(key: &mut String, max_len: Option<usize>) -> Result<(), String> {
+    if key.len() <= MAX_SEGMENT && max_len.is_none_or(|m| key.len() <= m) {
+        return Ok(());
+    }
+    let mut segments: Vec<String> = key.split('/').map(|s| shorten(s, MAX_SEGMENT)).collect();
+    let mut total = segments.iter().map(|s| s.len() + 1).sum::<usize>() - 1;
+    if let Some(max) = max_len {
+        while total > max {
+            let Some((i, len)) = segments
+                .iter()
+                .map(String::len)
+                .enumerate()
+                .max_by_key(|(_, len)| *len)
+            else {
+                break;
+            };
+            if len <= MIN_SEGMENT {
+                return Err(format!(
+                    "partition key of {total} bytes cannot be shortened to the {max} bytes an S3 key leaves after the prefix and file name (too many segments in `key`?): {key:.200}"
+                ));
+            }
+            let shorter = shorten(
+                &segments[i],
+                len.saturating_sub(total - max).max(MIN_SEGMENT),
+            );
+            total = total - len + shorter.len();
+            segments[i] = shorter;
+        }
+    }
+    *key = segments.join("/");
+    Ok(())
+}
+
+/// `segment` cut to at most `max` bytes: a readable prefix, `~` and a stable 64-bit hash of
+/// the whole segment (FNV-1a: the same on every run and machine).
+fn shorten(segment: &str, max: usize) -> String {
+    if segment.len() <= max {
+        return segment.to_string();
+    }
+    let mut cut = max.saturating_sub(17);
+    while !segment.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    // Do not split a `%XX` escape.
+    if let Some(p) = segment[..cut].rfind('%') {
+        if p + 3 > cut {
+            cut = p;
+        }
+    }
+    let hash = segment.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{}~{hash:016x}", &segment[..cut])
 }
 
 /// Escapes a tag value for use in a key/path segment (Hive-style percent escapes).
@@ -1193,7 +1306,18 @@ impl SinkConfig for ParquetSinkConfig {
 
     async fn build(&self, cx: &BuildContext) -> Result<Box<dyn Sink>, BoxError> {
         let destination = Destination::parse(&self.destination)?;
-        let key = KeyTemplate::parse(&self.key)?;
+        let mut key = KeyTemplate::parse(&self.key)?;
+        if let Destination::S3 { prefix, .. } = &destination {
+            let room = S3_MAX_KEY.saturating_sub(prefix.len() + FILE_NAME_ROOM);
+            if room < 2 * MIN_SEGMENT {
+                return Err(format!(
+                    "`destination` prefix of {} bytes leaves too little of S3's 1,024-byte key for partitions and file names",
+                    prefix.len()
+                )
+                .into());
+            }
+            key = key.with_max_len(room);
+        }
         let compression = match (self.format, self.compression) {
             (Format::Parquet, None) => Compression::Zstd,
             (Format::Jsonl, None) => Compression::None,
@@ -1219,6 +1343,20 @@ impl SinkConfig for ParquetSinkConfig {
             )
             .into());
         }
+        if self.max_columns == 0 {
+            return Err("`max_columns` must be at least 1".into());
+        }
+        if self
+            .schema
+            .as_ref()
+            .is_some_and(|s| s.len() > self.max_columns)
+        {
+            return Err(format!(
+                "`schema` declares more fields than `max_columns` ({})",
+                self.max_columns
+            )
+            .into());
+        }
         let mut declared = Schema::new();
         if let Some(fields) = &self.schema {
             for (name, ty) in fields {
@@ -1232,7 +1370,11 @@ impl SinkConfig for ParquetSinkConfig {
             Destination::Local(dir) => {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| format!("cannot create `destination` {}: {e}", dir.display()))?;
-                let removed = remove_stale_temp_files(dir, self.cleanup_after.0);
+                let (root, older_than) = (dir.clone(), self.cleanup_after.0);
+                let removed =
+                    tokio::task::spawn_blocking(move || remove_stale_temp_files(&root, older_than))
+                        .await
+                        .unwrap_or(0);
                 if removed > 0 {
                     tracing::info!(sink = %cx.name, removed, "removed temporary files left by an earlier run");
                 }
@@ -1259,9 +1401,10 @@ impl SinkConfig for ParquetSinkConfig {
             },
             key,
             store,
-            known: declared,
+            known: Known::new(declared),
             fields_fixed: self.schema.is_some(),
             partitions: HashMap::new(),
+            closing: tokio::task::JoinSet::new(),
             instance: instance_id(),
             sequence: 0,
         }))
@@ -1338,15 +1481,87 @@ struct Partition {
     file: Option<OpenFile>,
 }
 
+/// The columns new files start with: every column seen within `max_age` (or declared), at
+/// most `max_columns` of them.
+struct Known {
+    schema: Schema,
+    /// When each column of `schema` (same position) was last in a record.
+    seen: Vec<Instant>,
+    /// The first `pinned` columns are declared (`schema`): never forgotten.
+    pinned: usize,
+}
+
+impl Known {
+    fn new(declared: Schema) -> Self {
+        let now = Instant::now();
+        Known {
+            pinned: declared.len(),
+            seen: vec![now; declared.len()],
+            schema: declared,
+        }
+    }
+
+    /// Columns of `other` this schema lacks.
+    fn missing<'a>(&self, other: &'a Schema) -> Vec<&'a Name> {
+        other
+            .columns
+            .iter()
+            .filter(|(n, _)| self.schema.get(n).is_none())
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// Adds (or widens) `other`'s columns, all seen `now`.
+    fn absorb(&mut self, other: &Schema, now: Instant) {
+        self.schema.absorb(other);
+        self.seen.resize(self.schema.len(), now);
+        for (name, _) in &other.columns {
+            if let Some(&i) = self.schema.index.get(name) {
+                self.seen[i] = now;
+            }
+        }
+    }
+
+    /// Forgets the undeclared columns not seen since `cutoff` (except those in `keep`).
+    fn forget_stale(&mut self, cutoff: Instant, keep: &Schema) {
+        let old = std::mem::take(&mut self.schema);
+        let seen = std::mem::take(&mut self.seen);
+        for (i, ((name, ty), at)) in old.columns.into_iter().zip(seen).enumerate() {
+            if i < self.pinned || at >= cutoff || keep.get(&name).is_some() {
+                self.schema.set(&name, ty);
+                self.seen.push(at);
+            }
+        }
+    }
+}
+
+/// Why a record cannot join a schema of `len` columns (`max_columns` = `max`).
+fn too_many_columns(new: &[&Name], len: usize, max: usize) -> String {
+    let mut names: Vec<String> = new
+        .iter()
+        .take(5)
+        .map(|n| format!("`{:.64}`", &***n))
+        .collect();
+    if new.len() > 5 {
+        names.push(format!("… ({} in all)", new.len()));
+    }
+    format!(
+        "record would add column(s) {} to a schema of {len} columns, beyond max_columns = {max} (columns unseen for max_age are forgotten)",
+        names.join(", ")
+    )
+}
+
 struct ParquetSink {
     config: ParquetSinkConfig,
     options: EncodeOptions,
     key: KeyTemplate,
     store: Store,
-    /// Every column seen so far (or the declared ones); new files start with all of them.
-    known: Schema,
+    known: Known,
     fields_fixed: bool,
     partitions: HashMap<String, Partition>,
+    /// Files being completed (final encoding, fsync + rename or upload) off the sink's loop;
+    /// they count against `max_open_files`.
+    closing: tokio::task::JoinSet<()>,
     instance: String,
     sequence: u64,
 }
@@ -1379,6 +1594,9 @@ impl Sink for ParquetSink {
                     Some(batch) => self.write_batch(batch.records, &cx).await,
                     None => break,
                 },
+                Some(done) = self.closing.join_next(), if !self.closing.is_empty() => {
+                    closed(done, &cx);
+                }
                 _ = sleep_until(deadline) => self.close_expired(&cx).await,
             }
         }
@@ -1390,10 +1608,29 @@ impl Sink for ParquetSink {
     }
 }
 
+/// Logs a completion task that failed (its records' finalizers were dropped: Errored).
+fn closed(done: Result<(), tokio::task::JoinError>, cx: &SinkContext) {
+    if let Err(e) = done {
+        tracing::error!(sink = %cx.name, error = %e, "completing a file failed; its records will be redelivered");
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Whether an error opening a file is due to its path (the partition key), so that retrying
+/// can never succeed: the name is too long or invalid for the file system.
+fn is_path_error(e: &Error) -> bool {
+    match e {
+        Error::Io { source, .. } => matches!(
+            source.kind(),
+            std::io::ErrorKind::InvalidFilename | std::io::ErrorKind::InvalidInput
+        ),
+        _ => false,
     }
 }
 
@@ -1417,9 +1654,13 @@ impl ParquetSink {
         // Group by partition, keeping arrival order within each.
         let mut groups: Vec<(String, Vec<Record>)> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
+        let mut unkeyed: Vec<(String, Record)> = Vec::new();
         let mut key = String::new();
         for r in records {
-            self.key.render(&r, &mut key);
+            if let Err(reason) = self.key.render(&r, &mut key) {
+                unkeyed.push((reason, r));
+                continue;
+            }
             match index.get(key.as_str()) {
                 Some(&i) => groups[i].1.push(r),
                 None => {
@@ -1428,18 +1669,63 @@ impl ParquetSink {
                 }
             }
         }
+        for (reason, r) in unkeyed {
+            cx.reject(vec![r], &reason).await;
+        }
         for (key, records) in groups {
             self.write_partition(key, records, cx).await;
         }
     }
 
+    /// Admits the records' columns into the known schema within `max_columns`; returns the
+    /// records that fit and dead-letters the others.
+    async fn admit_columns(&mut self, records: Vec<Record>, cx: &SinkContext) -> Vec<Record> {
+        let reserved = self.options.time_column.as_str();
+        let max = self.config.max_columns;
+        let now = Instant::now();
+        let group = evolve_except(&Schema::new(), &records, self.fields_fixed, reserved)
+            .unwrap_or_default();
+        let adds = self.known.missing(&group).len();
+        if adds > 0 && self.known.schema.len() + adds > max {
+            if let Some(cutoff) = now.checked_sub(self.config.max_age.0) {
+                self.known.forget_stale(cutoff, &group);
+            }
+        }
+        if self.known.schema.len() + adds <= max {
+            self.known.absorb(&group, now);
+            return records;
+        }
+        // Device-chosen names: admit record by record while they fit.
+        let mut kept = Vec::with_capacity(records.len());
+        let mut rejected: Vec<(String, Record)> = Vec::new();
+        for r in records {
+            let own = evolve_except(
+                &Schema::new(),
+                std::slice::from_ref(&r),
+                self.fields_fixed,
+                reserved,
+            )
+            .unwrap_or_default();
+            let new = self.known.missing(&own);
+            if self.known.schema.len() + new.len() <= max {
+                self.known.absorb(&own, now);
+                kept.push(r);
+            } else {
+                let reason = too_many_columns(&new, self.known.schema.len(), max);
+                rejected.push((reason, r));
+            }
+        }
+        for (reason, r) in rejected {
+            cx.reject(vec![r], &reason).await;
+        }
+        kept
+    }
+
     async fn write_partition(&mut self, key: String, mut records: Vec<Record>, cx: &SinkContext) {
         if self.config.format == Format::Parquet {
+            records = self.admit_columns(records, cx).await;
             // Schema evolution: a file never changes its columns, so a wider schema means a new file.
             let reserved = self.options.time_column.as_str();
-            if let Some(wider) = evolve_except(&self.known, &records, self.fields_fixed, reserved) {
-                self.known.absorb(&wider);
-            }
             let stale = self
                 .partitions
                 .get(&key)
@@ -1447,7 +1733,7 @@ impl ParquetSink {
                 .and_then(|f| f.writer.schema())
                 .is_some_and(|s| evolve_except(s, &records, self.fields_fixed, reserved).is_some());
             if stale {
-                self.close(&key, cx).await;
+                self.close(&key, cx);
             }
             // Dead-letter what does not fit (checked against the schema the file will have).
             let schema = self
@@ -1455,7 +1741,7 @@ impl ParquetSink {
                 .get(&key)
                 .and_then(|p| p.file.as_ref())
                 .and_then(|f| f.writer.schema())
-                .unwrap_or(&self.known);
+                .unwrap_or(&self.known.schema);
             let mut rejected: Vec<(String, Record)> = Vec::new();
             let mut kept = Vec::with_capacity(records.len());
             for r in records {
@@ -1472,6 +1758,13 @@ impl ParquetSink {
         while !records.is_empty() {
             if self.partitions.get(&key).is_none_or(|p| p.file.is_none()) {
                 if let Err(e) = self.open(&key, cx).await {
+                    if is_path_error(&e) {
+                        // Retrying cannot help: a poison record, not a transient failure.
+                        let reason = format!("partition `{key:.300}` cannot be written: {e}");
+                        tracing::warn!(sink = %cx.name, error = %e, records = records.len(), "partition path refused; records dead-lettered");
+                        cx.reject(records, &reason).await;
+                        return;
+                    }
                     cx.metrics.add_errors(records.len());
                     tracing::error!(sink = %cx.name, error = %e, records = records.len(), "cannot open a file; records will be redelivered");
                     for r in &mut records {
@@ -1480,7 +1773,7 @@ impl ParquetSink {
                     return;
                 }
             }
-            let Some(file) = self.partitions.get_mut(&key).and_then(|p| p.file.as_mut()) else {
+            let Some(file) = self.partitions.get_mut(&key).and_then(|p| p.file.take()) else {
                 return;
             };
             // `max_records` is exact: split the records at the file's remaining room.
@@ -1492,30 +1785,54 @@ impl ParquetSink {
             } else {
                 Vec::new()
             };
-            let result = write_into(file, &mut records, &self.store).await;
+            let (file, result) = write_into(file, records, &self.store).await;
             records = rest;
+            let Some(mut file) = file else {
+                if let Err(e) = result {
+                    tracing::error!(sink = %cx.name, error = %e, "encoding failed; file abandoned, records will be redelivered");
+                }
+                self.partitions.remove(&key);
+                continue;
+            };
             if let Err(e) = result {
-                self.fail(&key, e, cx).await;
+                self.partitions.remove(&key);
+                fail(file, e, cx).await;
                 continue;
             }
             let full = file.writer.records() >= self.config.max_records.unwrap_or(u64::MAX)
                 || file.writer.bytes_written() + file.writer.in_progress_size() as u64
                     >= self.config.max_file_size.0;
+            self.partitions
+                .insert(key.clone(), Partition { file: Some(file) });
             if full {
-                self.close(&key, cx).await;
+                self.close(&key, cx);
             }
         }
     }
 
     async fn open(&mut self, key: &str, cx: &SinkContext) -> Result<(), Error> {
-        while self.open_files() >= self.config.max_open_files {
-            let oldest = self
-                .partitions
-                .iter()
-                .filter_map(|(k, p)| p.file.as_ref().map(|f| (f.last_write, k.clone())))
-                .min();
-            match oldest {
-                Some((_, k)) => self.close(&k, cx).await,
+        // Open files and files still being completed hold memory: at most `max_open_files`.
+        loop {
+            while let Some(done) = self.closing.try_join_next() {
+                closed(done, cx);
+            }
+            let open = self.open_files();
+            if open + self.closing.len() < self.config.max_open_files {
+                break;
+            }
+            if open >= self.config.max_open_files {
+                let oldest = self
+                    .partitions
+                    .iter()
+                    .filter_map(|(k, p)| p.file.as_ref().map(|f| (f.last_write, k.clone())))
+                    .min();
+                if let Some((_, k)) = oldest {
+                    self.close(&k, cx);
+                    continue;
+                }
+            }
+            match self.closing.join_next().await {
+                Some(done) => closed(done, cx),
                 None => break,
             }
         }
@@ -1537,13 +1854,19 @@ impl ParquetSink {
                 let path = dir.join(&relative);
                 let parent = path.parent().unwrap_or(dir).to_path_buf();
                 let temp = parent.join(format!(".{name}.tmp"));
-                let io = |source| Error::Io {
-                    path: temp.display().to_string(),
-                    source,
-                };
-                std::fs::create_dir_all(&parent).map_err(io)?;
-                let file = std::fs::File::create(&temp).map_err(io)?;
                 let label = path.display().to_string();
+                let create = {
+                    let temp = temp.clone();
+                    move || {
+                        let io = |source| Error::Io {
+                            path: temp.display().to_string(),
+                            source,
+                        };
+                        std::fs::create_dir_all(&parent).map_err(io)?;
+                        std::fs::File::create(&temp).map_err(io)
+                    }
+                };
+                let file = blocking(create).await?;
                 (
                     Out::File { file, written: 0 },
                     Target::Local { temp, path },
@@ -1557,7 +1880,7 @@ impl ParquetSink {
             }
         };
         let writer = match self.config.format {
-            Format::Parquet => Writer::parquet(out, self.known.clone(), &self.options)?,
+            Format::Parquet => Writer::parquet(out, self.known.schema.clone(), &self.options)?,
             Format::Jsonl => Writer::jsonl(out, self.options.compression == Compression::Gzip),
         }
         .with_label(label.clone());
@@ -1578,47 +1901,36 @@ impl ParquetSink {
         Ok(())
     }
 
-    /// Completes the partition's file and acknowledges its records (`Errored` if that fails).
-    async fn close(&mut self, key: &str, cx: &SinkContext) {
+    /// Starts completing the partition's file in the background; its records are acknowledged
+    /// when it is complete (`Errored` if that fails).
+    fn close(&mut self, key: &str, cx: &SinkContext) {
         let Some(file) = self.partitions.remove(key).and_then(|p| p.file) else {
             return;
         };
-        let records = file.writer.records();
-        let started = std::time::Instant::now();
-        let label = file.label.clone();
-        let finalizers = file.finalizers;
-        let result = complete(file.writer, file.target, self.config.fsync).await;
-        cx.metrics.observe_latency(started.elapsed());
-        match result {
-            Ok(bytes) => {
-                cx.metrics.add_out(records as usize);
-                cx.metrics.add_bytes(bytes as usize);
-                tracing::debug!(sink = %cx.name, file = %label, records, bytes, "file complete");
-                finalizers.finish(BatchStatus::Delivered);
+        let metrics = cx.metrics.clone();
+        let name = cx.name.clone();
+        let fsync = self.config.fsync;
+        self.closing.spawn(async move {
+            let records = file.writer.records();
+            let started = std::time::Instant::now();
+            let label = file.label;
+            let finalizers = file.finalizers;
+            let result = complete(file.writer, file.target, fsync).await;
+            metrics.observe_latency(started.elapsed());
+            match result {
+                Ok(bytes) => {
+                    metrics.add_out(records as usize);
+                    metrics.add_bytes(bytes as usize);
+                    tracing::debug!(sink = %name, file = %label, records, bytes, "file complete");
+                    finalizers.finish(BatchStatus::Delivered);
+                }
+                Err(e) => {
+                    metrics.add_errors(records as usize);
+                    tracing::error!(sink = %name, file = %label, error = %e, records, "cannot complete file; records will be redelivered");
+                    finalizers.finish(BatchStatus::Errored);
+                }
             }
-            Err(e) => {
-                cx.metrics.add_errors(records as usize);
-                tracing::error!(sink = %cx.name, file = %label, error = %e, records, "cannot complete file; records will be redelivered");
-                finalizers.finish(BatchStatus::Errored);
-            }
-        }
-    }
-
-    /// Abandons the partition's file after a write error: its records are redelivered.
-    async fn fail(&mut self, key: &str, e: Error, cx: &SinkContext) {
-        let Some(file) = self.partitions.remove(key).and_then(|p| p.file) else {
-            return;
-        };
-        let records = file.writer.records();
-        cx.metrics.add_errors(records as usize);
-        tracing::error!(sink = %cx.name, file = %file.label, error = %e, records, "write failed; file abandoned, records will be redelivered");
-        match file.target {
-            Target::Local { temp, .. } => {
-                let _ = std::fs::remove_file(temp);
-            }
-            Target::S3(mut upload) => upload.abort().await,
-        }
-        file.finalizers.finish(BatchStatus::Errored);
+        });
     }
 
     async fn close_expired(&mut self, cx: &SinkContext) {
@@ -1634,28 +1946,67 @@ impl ParquetSink {
             .map(|(k, _)| k.clone())
             .collect();
         for k in expired {
-            self.close(&k, cx).await;
+            self.close(&k, cx);
         }
     }
 
     async fn close_all(&mut self, cx: &SinkContext) {
         let keys: Vec<String> = self.partitions.keys().cloned().collect();
         for k in keys {
-            self.close(&k, cx).await;
+            self.close(&k, cx);
+        }
+        while let Some(done) = self.closing.join_next().await {
+            closed(done, cx);
         }
     }
 }
 
-/// Encodes `records` into `file`, keeps their finalizers with the file, and ships full parts
-/// to S3.
+/// Runs blocking file-system or encoding work off the runtime's threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+}
+
+/// Abandons a file after a write error: its records are redelivered.
+async fn fail(file: OpenFile, e: Error, cx: &SinkContext) {
+    let records = file.writer.records();
+    cx.metrics.add_errors(records as usize);
+    tracing::error!(sink = %cx.name, file = %file.label, error = %e, records, "write failed; file abandoned, records will be redelivered");
+    match file.target {
+        Target::Local { temp, .. } => {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(temp)).await;
+        }
+        Target::S3(mut upload) => upload.abort().await,
+    }
+    file.finalizers.finish(BatchStatus::Errored);
+}
+
+/// Encodes `records` into `file` on a blocking thread (the records' finalizers stay with the
+/// file), then ships full parts to S3. Returns the file, or `None` if the encoding panicked
+/// (its records' finalizers were dropped with it: Errored).
 async fn write_into(
-    file: &mut OpenFile,
-    records: &mut [Record],
+    mut file: OpenFile,
+    mut records: Vec<Record>,
     store: &Store,
-) -> Result<(), Error> {
-    file.writer.write(records)?;
+) -> (Option<OpenFile>, Result<(), Error>) {
     for r in records.iter_mut() {
         file.finalizers.merge(std::mem::take(&mut r.finalizers));
+    }
+    let encoded = tokio::task::spawn_blocking(move || {
+        let result = file.writer.write(&records);
+        drop(records);
+        (file, result)
+    })
+    .await;
+    let (mut file, result) = match encoded {
+        Ok(done) => done,
+        Err(e) => return (None, Err(Error::Task(e.to_string()))),
+    };
+    if result.is_err() {
+        return (Some(file), result);
     }
     file.last_write = Instant::now();
     if let (Store::S3(store), Target::S3(upload)) = (store, &mut file.target) {
@@ -1666,50 +2017,52 @@ async fn write_into(
             }
             let rest = buf.split_off(part);
             let chunk = std::mem::replace(buf, rest);
-            upload
-                .write_part(Bytes::from(chunk))
-                .await
-                .map_err(Error::S3)?;
+            if let Err(e) = upload.write_part(Bytes::from(chunk)).await {
+                return (Some(file), Err(Error::S3(e)));
+            }
         }
     }
-    Ok(())
+    (Some(file), Ok(()))
 }
 
-/// Finishes the encoding and makes the file visible; returns its size.
+/// Finishes the encoding and makes the file visible; returns its size. The encoding, fsync
+/// and rename run on a blocking thread.
 async fn complete(writer: Writer<Out>, target: Target, fsync: bool) -> Result<u64, Error> {
     let label = writer.label.clone();
-    let finished = writer.finish();
     match target {
         Target::Local { temp, path } => {
-            let io = |source| Error::Io {
-                path: label.clone(),
-                source,
-            };
-            let result = (|| {
-                let out = finished?;
-                let size = out.written();
-                if let Out::File { file, .. } = out {
+            blocking(move || {
+                let io = |source| Error::Io {
+                    path: label.clone(),
+                    source,
+                };
+                let result = (|| {
+                    let out = writer.finish()?;
+                    let size = out.written();
+                    if let Out::File { file, .. } = out {
+                        if fsync {
+                            file.sync_all().map_err(io)?;
+                        }
+                    }
+                    std::fs::rename(&temp, &path).map_err(io)?;
                     if fsync {
-                        file.sync_all().map_err(io)?;
+                        if let Some(dir) = path.parent() {
+                            std::fs::File::open(dir)
+                                .and_then(|d| d.sync_all())
+                                .map_err(io)?;
+                        }
                     }
+                    Ok(size)
+                })();
+                if result.is_err() {
+                    let _ = std::fs::remove_file(&temp);
                 }
-                std::fs::rename(&temp, &path).map_err(io)?;
-                if fsync {
-                    if let Some(dir) = path.parent() {
-                        std::fs::File::open(dir)
-                            .and_then(|d| d.sync_all())
-                            .map_err(io)?;
-                    }
-                }
-                Ok(size)
-            })();
-            if result.is_err() {
-                let _ = std::fs::remove_file(&temp);
-            }
-            result
+                result
+            })
+            .await
         }
         Target::S3(mut upload) => {
-            let out = match finished {
+            let out = match blocking(move || writer.finish()).await {
                 Ok(out) => out,
                 Err(e) => {
                     upload.abort().await;
@@ -1778,20 +2131,92 @@ mod tests {
         let mut r = record(1_764_115_200_000_000_000 + 3 * 3_600_000_000_000, "d", &[]);
         r.set_tag("tenant", "a/b=c");
         let mut out = String::new();
-        k.render(&r, &mut out);
+        k.render(&r, &mut out).expect("fits");
         assert_eq!(out, "tenant=a%2Fb%3Dc/date=2025-11-26/hour=03/");
         r.remove_tag("tenant");
-        k.render(&r, &mut out);
+        k.render(&r, &mut out).expect("fits");
         assert_eq!(
             out,
             "tenant=__HIVE_DEFAULT_PARTITION__/date=2025-11-26/hour=03/"
         );
         r.set_tag("tenant", "..");
-        k.render(&r, &mut out);
+        k.render(&r, &mut out).expect("fits");
         assert_eq!(out, "tenant=%2E%2E/date=2025-11-26/hour=03/");
         assert!(KeyTemplate::parse("x={%Q}/").is_err());
         assert!(KeyTemplate::parse("x={a/").is_err());
         assert!(KeyTemplate::parse("../x/").is_err());
+    }
+
+    #[test]
+    fn long_partition_values_are_shortened_with_a_hash() {
+        let mut k = KeyTemplate::parse("a={tenant}/b={device_id}/").expect("valid");
+        let mut r = record(0, &format!("{}1", "é".repeat(150)), &[]);
+        r.set_tag("tenant", "t");
+        let mut one = String::new();
+        k.render(&r, &mut one).expect("fits");
+        let segments: Vec<&str> = one.split('/').collect();
+        assert_eq!(segments[0], "a=t");
+        assert!(segments[1].len() <= MAX_SEGMENT && segments[1].starts_with("b=éé"));
+        assert!(segments[1].contains('~'), "{one}");
+        r.set_tag("device_id", format!("{}2", "é".repeat(150)).as_str());
+        let mut two = String::new();
+        k.render(&r, &mut two).expect("fits");
+        assert_ne!(one, two, "distinct values stay distinct");
+        k.render(&r, &mut one).expect("fits");
+        assert_eq!(one, two, "stable");
+        // An escape is never split.
+        let escaped = shorten(&"%2F".repeat(100), 60);
+        assert!(escaped.len() <= 60 && escaped.split('~').next().is_some_and(|p| p.len() % 3 == 0));
+        // A whole-key budget shortens the longest segments first.
+        let mut k = KeyTemplate::parse("a={x}/b={y}/c={z}/")
+            .expect("valid")
+            .with_max_len(300);
+        let mut r = Record::new(0);
+        for t in ["x", "y", "z"] {
+            r.set_tag(t, "v".repeat(180).as_str());
+        }
+        k.render(&r, &mut one).expect("fits");
+        assert!(
+            one.len() <= 300 && one.starts_with("a=vvv"),
+            "{} {one}",
+            one.len()
+        );
+        let mut k = KeyTemplate::parse("{a}/{b}/{c}/{d}/{e}/{f}/{g}/{h}/")
+            .expect("valid")
+            .with_max_len(200);
+        let mut r = Record::new(0);
+        for t in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+            r.set_tag(t, "v".repeat(100).as_str());
+        }
+        assert!(k.render(&r, &mut one).is_err(), "cannot fit: {one}");
+    }
+
+    #[test]
+    fn known_columns_are_forgotten_after_max_age_unless_declared() {
+        let mut declared = Schema::new();
+        declared.set(&intern("temp"), ColumnType::F64);
+        let mut known = Known::new(declared);
+        let t0 = Instant::now();
+        let a = evolve(
+            &Schema::new(),
+            &[record(0, "d", &[("a", Value::I64(1))])],
+            false,
+        )
+        .unwrap_or_default();
+        known.absorb(&a, t0);
+        assert_eq!(known.schema.len(), 3, "temp, device_id, a");
+        let b = evolve(
+            &Schema::new(),
+            &[record(0, "d", &[("b", Value::I64(1))])],
+            false,
+        )
+        .unwrap_or_default();
+        assert_eq!(known.missing(&b).len(), 1);
+        // `device_id` is in `b` (kept), `a` is stale, `temp` is declared (kept).
+        known.forget_stale(t0 + Duration::from_secs(1), &b);
+        assert!(known.schema.get("a").is_none());
+        assert!(known.schema.get("temp").is_some() && known.schema.get("device_id").is_some());
+        assert_eq!(known.seen.len(), known.schema.len());
     }
 
     #[test]

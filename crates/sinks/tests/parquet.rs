@@ -626,3 +626,218 @@ batch = {{ max_records = 100, max_age = "20ms" }}
     // not only at shutdown.
     assert!(acked_while_running > 0);
 }
+
+/// Issue 13 item 6: a partition value too long for a file name (a 300-character device id:
+/// `ENAMETOOLONG` before) is hash-truncated: every directory name stays under 255 bytes, keeps
+/// a readable prefix, and two ids that share their first 290 characters still land in distinct
+/// directories; every record is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_partition_values_are_hash_truncated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    let lake = dir.path().join("lake");
+    let dead = dir.path().join("dead.jsonl");
+    let t0 = 1_772_323_200_000i64;
+    let long_a = format!("{}-a", "x".repeat(298));
+    let long_b = format!("{}-b", "x".repeat(298));
+    let mut lines = Vec::new();
+    for i in 0..30 {
+        let device = [long_a.as_str(), long_b.as_str(), "short"][i % 3];
+        lines.push(format!(
+            r#"{{"ts":{},"device_id":"{device}","temp":{i}.5}}"#,
+            t0 + i as i64
+        ));
+    }
+    write_input(&input, &lines);
+    let toml = format!(
+        r#"{}
+[sinks.lake]
+type = "parquet"
+inputs = ["input"]
+destination = "{}"
+key = "device={{device_id}}/"
+
+[sinks.dead]
+type = "file"
+inputs = ["lake.dead_letter"]
+path = "{}"
+"#,
+        file_source(&input),
+        lake.display(),
+        dead.display()
+    );
+    run_pipeline(&toml).await;
+
+    let dirs: std::collections::BTreeSet<String> = files_under(&lake)
+        .iter()
+        .filter_map(|f| f.parent().map(|p| p.to_string_lossy().to_string()))
+        .collect();
+    assert_eq!(dirs.len(), 3, "one directory per device: {dirs:?}");
+    for d in &dirs {
+        assert!(d.len() < 255, "directory name of {} bytes: {d}", d.len());
+        assert!(d.starts_with("device="), "{d}");
+    }
+    assert!(dirs.contains("device=short"), "{dirs:?}");
+    assert_eq!(
+        dirs.iter()
+            .filter(|d| d.starts_with("device=xxxxxxxxxx"))
+            .count(),
+        2,
+        "readable prefix kept, distinct values stay distinct: {dirs:?}"
+    );
+    // The full value is still in the file's own `device_id` column.
+    let rows = duckdb(
+        &format!(
+            "SELECT device_id, count(*) FROM read_parquet('{}/*/*.parquet', hive_partitioning = false) GROUP BY device_id ORDER BY device_id",
+            lake.display()
+        ),
+        false,
+    );
+    assert_eq!(
+        rows,
+        vec![
+            vec!["short".to_string(), "10".to_string()],
+            vec![long_a.clone(), "10".to_string()],
+            vec![long_b.clone(), "10".to_string()],
+        ]
+    );
+    assert!(
+        std::fs::read_to_string(&dead)
+            .unwrap_or_default()
+            .is_empty(),
+        "nothing dead-lettered"
+    );
+}
+
+/// Issue 13 item 6: a partition whose path the filesystem refuses (`ENAMETOOLONG`: here the
+/// whole path exceeds PATH_MAX) is a poison record, not a transient error: its records are
+/// dead-lettered with the reason (before: Errored, redelivered forever), the others written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_partition_path_is_dead_lettered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    let dead = dir.path().join("dead.jsonl");
+    // A destination ~3,950 bytes deep: room for `device=short/<file>`, none for a 120-byte id.
+    let mut lake = dir.path().join("lake");
+    while lake.as_os_str().len() + 251 < 3_950 {
+        lake.push("d".repeat(250));
+    }
+    let rest = 3_950 - lake.as_os_str().len() - 1;
+    lake.push("e".repeat(rest));
+    std::fs::create_dir_all(&lake).expect("deep destination");
+    let long = "y".repeat(120);
+    let t0 = 1_772_323_200_000i64;
+    let mut lines = Vec::new();
+    for i in 0..10 {
+        let device = if i % 2 == 0 { long.as_str() } else { "short" };
+        lines.push(format!(
+            r#"{{"ts":{},"device_id":"{device}","temp":{i}.5}}"#,
+            t0 + i as i64
+        ));
+    }
+    write_input(&input, &lines);
+    let toml = format!(
+        r#"{}
+[sinks.lake]
+type = "parquet"
+inputs = ["input"]
+destination = "{}"
+key = "device={{device_id}}/"
+
+[sinks.dead]
+type = "file"
+inputs = ["lake.dead_letter"]
+path = "{}"
+"#,
+        file_source(&input),
+        lake.display(),
+        dead.display()
+    );
+    run_pipeline(&toml).await;
+
+    let written = files_under(&lake);
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert!(written[0].starts_with("device=short"), "{written:?}");
+    let dead = std::fs::read_to_string(&dead).unwrap_or_default();
+    let dead: Vec<&str> = dead.lines().collect();
+    assert_eq!(dead.len(), 5, "the long device's records: {dead:?}");
+    assert!(
+        dead.iter()
+            .all(|l| l.contains(&long) && l.contains("partition")),
+        "{dead:?}"
+    );
+}
+
+/// Issue 13 item 9: device-chosen field names cannot grow the inferred schema without bound.
+/// Each record brings a new field; once a file's schema would exceed `max_columns`, further
+/// new-column records are dead-lettered with the reason, and no file has more columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_columns_dead_letters_schema_growth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("in.jsonl");
+    let lake = dir.path().join("lake");
+    let dead = dir.path().join("dead.jsonl");
+    let t0 = 1_772_323_200_000i64;
+    let mut lines = Vec::new();
+    for i in 0..40 {
+        lines.push(format!(
+            r#"{{"ts":{},"device_id":"a","temp":1.5,"k{i}":{i}}}"#,
+            t0 + i as i64
+        ));
+    }
+    // Known columns only: always accepted.
+    lines.push(format!(
+        r#"{{"ts":{},"device_id":"a","temp":2.5,"k0":7}}"#,
+        t0 + 40
+    ));
+    write_input(&input, &lines);
+    let toml = format!(
+        r#"{}
+[sinks.lake]
+type = "parquet"
+inputs = ["input"]
+destination = "{}"
+key = ""
+max_columns = 12
+batch = {{ max_records = 5 }}
+
+[sinks.dead]
+type = "file"
+inputs = ["lake.dead_letter"]
+path = "{}"
+"#,
+        file_source(&input),
+        lake.display(),
+        dead.display()
+    );
+    run_pipeline(&toml).await;
+
+    // device_id + temp + k0..k9 = 12 columns (the time column is not counted).
+    let widths = duckdb(
+        &format!(
+            "SELECT file_name, count(*) FROM parquet_schema('{}/*.parquet') WHERE type IS NOT NULL GROUP BY file_name",
+            lake.display()
+        ),
+        false,
+    );
+    assert!(!widths.is_empty());
+    for w in &widths {
+        assert!(w[1].parse::<u32>().expect("count") <= 13, "{widths:?}");
+    }
+    let rows = duckdb(
+        &format!(
+            "SELECT count(*), sum(temp) FROM read_parquet('{}/*.parquet', union_by_name = true)",
+            lake.display()
+        ),
+        false,
+    );
+    assert_eq!(rows, vec![vec!["11".to_string(), "17.5".to_string()]]);
+    let dead = std::fs::read_to_string(&dead).unwrap_or_default();
+    let dead: Vec<&str> = dead.lines().collect();
+    assert_eq!(dead.len(), 30, "{dead:?}");
+    assert!(
+        dead.iter().all(|l| l.contains("max_columns")),
+        "{}",
+        dead[0]
+    );
+}
