@@ -146,13 +146,18 @@ impl SinkConfig for FailOnceConfig {
     }
 }
 
+fn int(r: &Record, name: &str) -> i64 {
+    match r.field(name) {
+        Some(Value::I64(v)) => *v,
+        _ => i64::MIN,
+    }
+}
+
 fn describe(r: &Record) -> (String, i64, i64, f64, bool) {
     (
         r.tag("device_id").unwrap_or("?").to_string(),
-        r.field("window_start")
-            .and_then(Value::as_i64)
-            .map_or(-1, |t| (t - BASE) / S),
-        r.field("temp_count").and_then(Value::as_i64).unwrap_or(-1),
+        int(r, "window_start").saturating_sub(BASE) / S,
+        int(r, "temp_count"),
         r.field("temp_mean")
             .and_then(Value::as_f64)
             .unwrap_or(f64::NAN),
@@ -237,10 +242,10 @@ async fn a_rollup_the_sink_gave_up_on_is_emitted_again_before_its_inputs_are_ack
     let written_window = |device: &str| {
         events
             .iter()
-            .position(|e| {
-                matches!(e, Event::Written(d, 0, ..) if d == device)
+            .position(|e| matches!(e, Event::Written(d, 0, ..) if d == device))
+            .unwrap_or_else(|| {
+                panic!("window [0, 60 s) of {device} was never written: {events:#?}")
             })
-            .unwrap_or_else(|| panic!("window [0, 60 s) of {device} was never written: {events:#?}"))
     };
     let (d1, d2) = (written_window("d1"), written_window("d2"));
     assert_eq!(events[d1], Event::Written("d1".into(), 0, 3, 30.0, false));

@@ -13,7 +13,6 @@ use sluice_core::BoxError;
 
 use super::{Aggregator, LATE};
 
-
 /// An aggregation function applied to a field's values in a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

@@ -54,8 +54,8 @@ use sluice_core::topology::now_ns;
 use sluice_core::transform::{Transform, TransformOutput};
 use smallvec::SmallVec;
 
-pub use self::config::{AggFn, AggregateConfig, WatermarkMode, WhenFull};
 use self::config::ns;
+pub use self::config::{AggFn, AggregateConfig, WatermarkMode, WhenFull};
 use self::pending::Pending;
 use self::window::{gap_of, new_window, FieldSpec, Window, Windows};
 use crate::event_time::FutureSkew;

@@ -377,7 +377,7 @@ async fn inputs_are_acknowledged_only_with_their_window() {
     for mut r in rolled {
         r.finalize(BatchStatus::Delivered);
     }
-    assert_eq!(status.await, BatchStatus::Delivered);
+    assert_eq!(settled(status).await, BatchStatus::Delivered);
 }
 
 #[tokio::test]
@@ -395,7 +395,7 @@ async fn hopping_windows_hold_one_finalizer_each() {
     rolled.next().expect("first").discard();
     // Dropping the second window's record without a status must not ack the input.
     drop(rolled);
-    assert_eq!(status.await, BatchStatus::Errored);
+    assert_eq!(settled(status).await, BatchStatus::Errored);
 }
 
 #[test]
@@ -425,12 +425,9 @@ fn parses_from_toml() {
     .expect("parses");
     assert_eq!(c.allowed_lateness.0, Duration::from_secs(10));
     assert_eq!(c.when_full, WhenFull::FlushOldest);
+    assert!(toml::from_str::<AggregateConfig>("window = \"1m\"\nfields = {}\ntypo = 1").is_err());
     assert!(
-        toml::from_str::<AggregateConfig>("window = \"1m\"\nfields = {}\ntypo = 1").is_err()
-    );
-    assert!(
-        toml::from_str::<AggregateConfig>("window = \"1m\"\nfields = { t = [\"p42\"] }")
-            .is_err()
+        toml::from_str::<AggregateConfig>("window = \"1m\"\nfields = { t = [\"p42\"] }").is_err()
     );
 }
 
@@ -449,7 +446,12 @@ fn extreme_timestamps_do_not_overflow() {
 
 /// Records of window [0, 60) for two devices, all of one source batch, and a record at 75 s
 /// (another batch) that closes the window; the receivers of both batches' statuses.
-fn window_and_closer() -> (Vec<Record>, Vec<Record>, ack::StatusReceiver, ack::StatusReceiver) {
+fn window_and_closer() -> (
+    Vec<Record>,
+    Vec<Record>,
+    ack::StatusReceiver,
+    ack::StatusReceiver,
+) {
     let (fin, status) = ack::batch();
     let mut inputs = vec![
         temp(1.0, "d1", 10.0),
@@ -465,6 +467,13 @@ fn window_and_closer() -> (Vec<Record>, Vec<Record>, ack::StatusReceiver, ack::S
     let mut closer = temp(75.0, "d1", 0.0);
     closer.finalizers.push(closer_fin);
     (inputs, vec![closer], status, closer_status)
+}
+
+/// The status of a source batch, failing the test if it does not resolve within 10 s.
+async fn settled(status: ack::StatusReceiver) -> BatchStatus {
+    tokio::time::timeout(Duration::from_secs(10), status)
+        .await
+        .expect("the batch status resolves")
 }
 
 /// The rollup's values, without its finalizers.
@@ -519,7 +528,11 @@ async fn errored_rollup_is_emitted_again_and_its_inputs_wait_for_a_delivered_cop
     let mut third = third.into_iter();
     third.next().expect("d1").finalize(BatchStatus::Delivered);
     a.on_tick(wall + 3 * S, &mut out);
-    assert_eq!(status.try_status(), None, "d2's rollup is not delivered yet");
+    assert_eq!(
+        status.try_status(),
+        None,
+        "d2's rollup is not delivered yet"
+    );
     assert_eq!(a.pending_rollups(), 1);
     for mut r in third {
         r.finalize(BatchStatus::Delivered);
@@ -527,7 +540,7 @@ async fn errored_rollup_is_emitted_again_and_its_inputs_wait_for_a_delivered_cop
     a.on_tick(wall + 4 * S, &mut out);
     assert!(out.is_empty(), "nothing more to emit");
     assert_eq!(a.pending_rollups(), 0);
-    assert_eq!(status.await, BatchStatus::Delivered);
+    assert_eq!(settled(status).await, BatchStatus::Delivered);
 }
 
 #[tokio::test]
@@ -542,23 +555,33 @@ async fn a_dead_lettered_rollup_finishes_its_inputs_as_rejected() {
     let mut out = TransformOutput::default();
     a.on_tick(1_000 * S, &mut out);
     assert!(out.is_empty(), "a rejected rollup is not retried");
-    assert_eq!(status.await, BatchStatus::Rejected);
+    assert_eq!(settled(status).await, BatchStatus::Rejected);
 }
 
 #[tokio::test]
 async fn past_max_pending_rollups_the_oldest_inputs_take_their_rollup_outcome() {
     let mut a = agg(|c| c.max_pending_rollups = 1);
-    let (inputs, closer, status, _closer_status) = window_and_closer();
-    run(&mut a, inputs);
-    let rolled = take(&mut run(&mut a, closer), "default");
+    let (fin1, status1) = ack::batch();
+    let (fin2, mut status2) = ack::batch();
+    let mut d1 = temp(1.0, "d1", 1.0);
+    d1.finalizers.push(fin1);
+    let mut d2 = temp(2.0, "d2", 1.0);
+    d2.finalizers.push(fin2);
+    run(&mut a, vec![d1, d2]);
+    let rolled = take(&mut run(&mut a, vec![temp(75.0, "d3", 1.0)]), "default");
     assert_eq!(rolled.len(), 2);
     assert_eq!(a.pending_rollups(), 1);
     assert_eq!(a.stats().pending_overflow, 1);
-    // d1's rollup was let go: its Errored outcome reaches the inputs directly (redelivery).
     for mut r in rolled {
         r.finalize(BatchStatus::Errored);
     }
-    assert_eq!(status.await, BatchStatus::Errored);
+    // d1's rollup was let go: its Errored outcome reaches its input (redelivery)...
+    assert_eq!(settled(status1).await, BatchStatus::Errored);
+    // ...while d2's is still held for another copy.
+    assert_eq!(status2.try_status(), None);
+    let mut out = TransformOutput::default();
+    a.on_tick(1_000 * S, &mut out);
+    assert_eq!(take(&mut out, "default").len(), 1);
 }
 
 #[tokio::test]
@@ -579,11 +602,11 @@ async fn shutdown_hands_pending_inputs_to_their_last_copy() {
     for mut r in last {
         r.finalize(BatchStatus::Delivered);
     }
-    assert_eq!(closer_status.await, BatchStatus::Delivered);
+    assert_eq!(settled(closer_status).await, BatchStatus::Delivered);
     let mut status = status;
     assert_eq!(status.try_status(), None, "d2's rollup is still in flight");
     in_flight.discard();
-    assert_eq!(status.await, BatchStatus::Delivered);
+    assert_eq!(settled(status).await, BatchStatus::Delivered);
 }
 
 #[test]
@@ -624,7 +647,11 @@ fn per_group_watermark_keeps_one_device_from_making_the_fleet_late() {
         (closed, take(&mut out, LATE).len(), a)
     };
     let (closed, late, _) = run_with(WatermarkMode::Global);
-    assert_eq!(closed, vec!["d1", "d2"], "global: d1 closes everyone's window");
+    assert_eq!(
+        closed,
+        vec!["d1", "d2"],
+        "global: d1 closes everyone's window"
+    );
     assert_eq!(late, 1, "global: d2 is now late");
 
     let (closed, late, mut a) = run_with(WatermarkMode::PerGroup);
@@ -650,7 +677,7 @@ fn per_group_idle_timeout_closes_a_silent_group_while_others_keep_sending() {
     let mut out = TransformOutput::default();
     let wall = 1_000 * S;
     a.on_tick(wall, &mut out); // notes the input of both
-    // d1 keeps sending (within its window), d2 goes silent.
+                               // d1 keeps sending (within its window), d2 goes silent.
     for i in 1..=8 {
         run(&mut a, vec![temp(1.0 + f64::from(i), "d1", 1.0)]);
         a.on_tick(wall + i64::from(i) * 10 * S, &mut out);
