@@ -17,7 +17,7 @@ use sluice_core::config::HumanDuration;
 use sluice_core::record::{Batch, Record, Value};
 use sluice_core::registry::BuildContext;
 use sluice_core::transform::{Transform, TransformOutput};
-use sluice_transforms::aggregate::{AggFn, AggregateConfig, Aggregator, WhenFull};
+use sluice_transforms::aggregate::{AggFn, AggregateConfig, Aggregator, WatermarkMode, WhenFull};
 use sluice_transforms::anomaly::{AnomalyConfig, Detector, DetectorConfig};
 
 const DEVICES: usize = 10_000;
@@ -88,6 +88,10 @@ fn bench(c: &mut Criterion) {
         idle_timeout: HumanDuration(Duration::from_secs(10)),
         max_groups: 100_000,
         when_full: WhenFull::FlushOldest,
+        watermark: WatermarkMode::Global,
+        // The bench's event times are in 2023: far from the future limit.
+        max_future_skew: HumanDuration(Duration::from_secs(300)),
+        max_pending_rollups: 200_000,
     };
     group.bench_function("aggregate_10k_groups_1m_4fns", |b| {
         b.iter_batched(

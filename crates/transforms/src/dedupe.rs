@@ -12,7 +12,9 @@
 //! whose key was seen less than `window` ago (in event time: the newest event time seen is
 //! "now") is a duplicate and is not passed on: the first copy carries the data. Keys are kept
 //! for `window`, at most `max_entries` of them (the oldest forgotten first). A record missing a
-//! key part goes to `dead_letter`.
+//! key part goes to `dead_letter`, and so does a record stamped more than `max_future_skew`
+//! (default 5 min) ahead of the wall clock: it would otherwise become "now" and make every key
+//! expire at once.
 //!
 //! A duplicate is only acknowledged as far as its first copy is: dedupe watches each first copy
 //! ([`ack::watched`]) and
@@ -32,9 +34,11 @@ use sluice_core::ack::{self, Watch};
 use sluice_core::config::HumanDuration;
 use sluice_core::record::{Batch, Record};
 use sluice_core::registry::{BuildContext, TransformConfig};
+use sluice_core::topology::now_ns;
 use sluice_core::transform::{Transform, TransformOutput};
 use sluice_core::BoxError;
 
+use crate::event_time::FutureSkew;
 use crate::Error;
 
 /// Drops duplicates by key within a time window.
@@ -50,6 +54,11 @@ pub struct DedupeConfig {
     /// Most keys remembered; the oldest are forgotten first. Default 1000000.
     #[serde(default = "default_max_entries")]
     pub max_entries: usize,
+    /// A record whose event time is more than this ahead of the wall clock goes to
+    /// `dead_letter` (with its time and this limit in the reason) instead of moving "now".
+    /// Set a large value (e.g. "100y") to replay data stamped in the future. Default "5m".
+    #[serde(default = "crate::event_time::default_max_future_skew")]
+    pub max_future_skew: HumanDuration,
 }
 
 fn default_window() -> HumanDuration {
@@ -89,6 +98,7 @@ pub struct Dedupe {
     parts: Vec<Part>,
     window: i64,
     max_entries: usize,
+    skew: FutureSkew,
     /// Key → its first copy.
     seen: HashMap<Box<str>, First>,
     /// Keys in insertion order with their entry's generation, for expiry.
@@ -99,6 +109,8 @@ pub struct Dedupe {
     newest: i64,
     /// Duplicates discarded so far.
     pub duplicates: u64,
+    /// Records dead-lettered for an event time beyond `max_future_skew`.
+    pub future: u64,
 }
 
 impl Dedupe {
@@ -122,11 +134,13 @@ impl Dedupe {
             parts,
             window: i64::try_from(config.window.0.as_nanos()).unwrap_or(i64::MAX),
             max_entries: config.max_entries,
+            skew: FutureSkew::new(config.max_future_skew),
             seen: HashMap::new(),
             order: VecDeque::new(),
             next_gen: 0,
             newest: i64::MIN,
             duplicates: 0,
+            future: 0,
         })
     }
 
@@ -192,7 +206,13 @@ impl Dedupe {
 
 impl Transform for Dedupe {
     fn process(&mut self, batch: Batch, out: &mut TransformOutput) {
+        let now = now_ns();
         for mut r in batch.records {
+            if let Some(why) = self.skew.check(r.time, now) {
+                self.future += 1;
+                out.dead_letter(r, format!("dedupe: {why}"));
+                continue;
+            }
             let key = match self.key(&r) {
                 Ok(k) => k,
                 Err(e) => {
@@ -241,6 +261,7 @@ mod tests {
             key: vec!["tags.device_id".into(), "seq".into()],
             window: HumanDuration(Duration::from_secs(window_s)),
             max_entries,
+            max_future_skew: crate::event_time::default_max_future_skew(),
         };
         Dedupe::new(&c, &cx()).expect("valid")
     }
@@ -396,6 +417,7 @@ mod tests {
             key: vec!["tags.device_id".into(), "time".into()],
             window: default_window(),
             max_entries: 10,
+            max_future_skew: crate::event_time::default_max_future_skew(),
         };
         let mut d = Dedupe::new(&c, &cx()).expect("valid");
         let kept = pass(
@@ -407,10 +429,31 @@ mod tests {
             &DedupeConfig {
                 key: vec![],
                 window: default_window(),
-                max_entries: 1
+                max_entries: 1,
+                max_future_skew: crate::event_time::default_max_future_skew(),
             },
             &cx()
         )
         .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_record_from_the_far_future_is_dead_lettered_and_keeps_the_horizon() {
+        let mut d = dedupe(60, 100);
+        assert_eq!(deliver(&mut d, vec![msg(1.0, "a", 1)]), 1);
+        let mut year_2100 = msg(0.0, "b", 1);
+        year_2100.time = 4_102_444_800_000_000_000; // 2100-01-01T00:00:00Z
+        let mut out = TransformOutput::default();
+        d.process(Batch::new(vec![year_2100]), &mut out);
+        let dead = take(&mut out, "dead_letter");
+        assert_eq!(dead.len(), 1);
+        let why = dead[0].meta.error.as_deref().unwrap_or("");
+        assert!(why.contains("2100-01-01T00:00:00Z"), "{why}");
+        assert!(why.contains("max_future_skew = \"5m\""), "{why}");
+        assert_eq!(d.future, 1);
+        // "Now" did not jump to 2100: the key of the first copy is still remembered.
+        let (dup, dup_status) = acked(2.0, "a", 1);
+        assert!(pass(&mut d, vec![dup]).is_empty(), "still a duplicate");
+        assert_eq!(dup_status.await, BatchStatus::Delivered);
     }
 }

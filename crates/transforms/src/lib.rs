@@ -13,6 +13,7 @@
 pub mod aggregate;
 pub mod anomaly;
 pub mod dedupe;
+mod event_time;
 pub mod expression;
 pub mod filter;
 pub mod group;
