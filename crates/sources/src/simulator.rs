@@ -122,9 +122,12 @@ pub struct SimulatorConfig {
     /// Number of devices. Default 10.
     #[serde(default = "default_devices")]
     pub devices: usize,
-    /// Records per second across the fleet, or "unlimited". Default 100.
-    #[serde(default = "default_rate")]
-    pub rate: Rate,
+    /// Records per second across the fleet, or "unlimited". Default: `devices / interval`
+    /// (one reading per device per `interval` of wall clock, so event time keeps pace with it;
+    /// faster rates run ahead of the clock and meet `max_future_skew` in `aggregate` and
+    /// `dedupe` unless `start_time` lies far enough in the past).
+    #[serde(default)]
+    pub rate: Option<Rate>,
     /// Stop after this many records (then the pipeline drains and exits). Default: never.
     #[serde(default)]
     pub count: Option<u64>,
@@ -155,9 +158,6 @@ pub struct SimulatorConfig {
 fn default_devices() -> usize {
     10
 }
-fn default_rate() -> Rate {
-    Rate::PerSecond(100.0)
-}
 fn default_seed() -> u64 {
     1
 }
@@ -175,7 +175,7 @@ impl Default for SimulatorConfig {
     fn default() -> Self {
         SimulatorConfig {
             devices: default_devices(),
-            rate: default_rate(),
+            rate: None,
             count: None,
             seed: default_seed(),
             interval: default_interval(),
@@ -197,11 +197,18 @@ impl SimulatorConfig {
         })
     }
 
+    /// `rate`, or by default one reading per device per `interval` of wall clock.
+    fn effective_rate(&self) -> Rate {
+        self.rate.unwrap_or_else(|| {
+            Rate::PerSecond(self.devices as f64 / self.interval.0.as_secs_f64().max(1e-9))
+        })
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.devices == 0 {
             return Err("`devices` must be at least 1".into());
         }
-        if let Rate::PerSecond(r) = self.rate {
+        if let Some(Rate::PerSecond(r)) = self.rate {
             if !(r > 0.0 && r.is_finite()) {
                 return Err(format!(
                     "`rate` must be a positive number or \"unlimited\", got {r}"
@@ -497,7 +504,7 @@ impl Source for Simulator {
     async fn run(mut self: Box<Self>, cx: SourceContext) -> Result<(), BoxError> {
         let source = intern(&cx.name);
         let limit = self.cfg.count.unwrap_or(u64::MAX);
-        let rate = match self.cfg.rate {
+        let rate = match self.cfg.effective_rate() {
             Rate::PerSecond(r) => Some(r),
             Rate::Unlimited(_) => None,
         };
@@ -636,7 +643,7 @@ mod tests {
     #[test]
     fn invalid_options_are_rejected() {
         assert!(config(|c| c.devices = 0).validate().is_err());
-        assert!(config(|c| c.rate = Rate::PerSecond(-1.0))
+        assert!(config(|c| c.rate = Some(Rate::PerSecond(-1.0)))
             .validate()
             .is_err());
         assert!(config(|c| c.anomalies.spike_probability = 2.0)
