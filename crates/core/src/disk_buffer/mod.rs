@@ -242,7 +242,9 @@ fn open_blocking(
 
     let cap = config.max_batches.max(1);
     metrics.buffer_capacity.store(cap, Ordering::Relaxed);
-    let (append_tx, append_rx) = mpsc::channel::<Append>(cap);
+    // Room for a few groups of appends: one fsync covers every batch waiting, so a deeper queue
+    // means fewer fsyncs per record under load (bounded: encoded frames, not records).
+    let (append_tx, append_rx) = mpsc::channel::<Append>(cap.saturating_mul(8).clamp(16, 1024));
     let (out_tx, out_rx) = mpsc::channel::<Batch>(cap);
     let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
