@@ -534,6 +534,7 @@ impl Detector {
         }
         tracing::info!(
             transform = %self.name,
+            file = %self.persist.as_ref().map(|p| p.path.display().to_string()).unwrap_or_default(),
             series = self.series.len(),
             groups,
             "anomaly state restored"
