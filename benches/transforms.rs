@@ -123,6 +123,7 @@ fn bench(c: &mut Criterion) {
         warmup: 10,
         max_series: 100_000,
         annotate: false,
+        state_interval: sluice_transforms::anomaly::default_state_interval(),
     };
     group.bench_function("anomaly_ewma_zscore_10k_series", |b| {
         b.iter_batched(

@@ -101,6 +101,7 @@ fn alerts_of(run: &Run, detector: DetectorConfig) -> Vec<(String, i64, String)> 
         warmup: 30,
         max_series: 10_000,
         annotate: false,
+        state_interval: sluice_transforms::anomaly::default_state_interval(),
     };
     let cx = BuildContext {
         name: "quality".into(),

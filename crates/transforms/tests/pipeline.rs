@@ -34,6 +34,9 @@ async fn simulator_to_rollups_and_alerts_in_files() {
     let d = dir.path().display();
     let text = format!(
         r#"
+        [pipeline]
+        data_dir = "{d}/data" # the anomaly stage saves its state there, not in the crate
+
         [sources.fleet]
         type = "simulator"
         devices = {DEVICES}

@@ -42,17 +42,22 @@
 //!   redelivery (same group, time and values) and raises the lost alert again instead of
 //!   scoring the reading a second time (which would not bring a threshold alert back: the
 //!   excursion has already alerted). A redelivery that arrives while the alert is still on its
-//!   way takes that alert's outcome. This memory is per run and bounded (the readings whose
-//!   alerts are not all delivered yet, at most 16 per group, `max_series` groups): after a
-//!   restart a redelivered reading is scored by fresh detectors, so a `threshold` alert comes
-//!   back but one that needs history (`zscore`, `ewma`, `mad`, `rate_of_change`, `stuck`)
-//!   does not.
+//!   way takes that alert's outcome. This memory is bounded (the readings whose alerts are not
+//!   all delivered yet, at most 16 per group, `max_series` groups) and is part of the state
+//!   snapshot (below), so a reading redelivered after a restart raises its lost alerts too.
 //! * `missing`'s "offline" alerts come from the timer, with no reading to hold back. While the
 //!   pipeline runs and the device stays silent, a lost one is raised again by the timer; one
-//!   still undelivered when the pipeline stops is gone (**at-most-once** across restarts), and
-//!   the heartbeat state starts empty after a restart: a device that has been silent since
-//!   before the restart is reported offline only after it has sent again and fallen silent
-//!   anew.
+//!   not known to be delivered at the last snapshot is raised again after a restart (it may
+//!   then come twice).
+//!
+//! State survives a restart when the stage has a state directory (`sluice run`:
+//! `<data_dir>/<pipeline id>/<component>/anomaly.json`): every `state_interval` (default 30 s)
+//! and at every orderly stop the series baselines, the heartbeat table (last seen, "offline
+//! already reported") and the undelivered alerts are snapshotted, atomically, and the next
+//! start restores them (module `state`). A crash loses what changed since the last snapshot.
+//! With the `wall` clock the downtime is not counted as the devices' silence. A snapshot taken
+//! with other `group_by` or `detectors` options, of another format version, or unreadable, is
+//! ignored with a WARN naming the file: the stage then starts empty.
 
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
@@ -74,6 +79,10 @@ use smallvec::SmallVec;
 
 use crate::group::{GroupBy, GroupKey};
 use crate::Error;
+
+mod state;
+
+pub use state::FILE as STATE_FILE;
 
 /// The output receiving alert records.
 pub const ANOMALIES: &str = "anomalies";
@@ -206,6 +215,16 @@ pub struct AnomalyConfig {
     /// records. Default false.
     #[serde(default)]
     pub annotate: bool,
+    /// How often the baselines and the heartbeat table are snapshotted to
+    /// `<data_dir>/<pipeline id>/<component>/anomaly.json` (also at every orderly stop), to be
+    /// restored at the next start. Default "30s".
+    #[serde(default = "default_state_interval")]
+    pub state_interval: HumanDuration,
+}
+
+/// The default `state_interval`: 30 s.
+pub fn default_state_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 
 fn default_group_by() -> Vec<String> {
@@ -416,6 +435,8 @@ pub struct Detector {
     scratch: Vec<f64>,
     stats: Stats,
     names: Names,
+    /// Where the state is snapshotted (`None` without a state directory).
+    persist: Option<state::Persist>,
 }
 
 impl std::fmt::Debug for Detector {
@@ -549,7 +570,10 @@ impl Detector {
         }
         let cap = NonZeroUsize::new(config.max_series)
             .ok_or_else(|| Error::option(cx, "max_series", "must be at least 1"))?;
-        Ok(Detector {
+        if config.state_interval.0 < Duration::from_secs(1) {
+            return Err(Error::option(cx, "state_interval", "must be at least 1s"));
+        }
+        let mut detector = Detector {
             name: cx.name.clone(),
             fields: config.fields.iter().map(|f| intern(f)).collect(),
             group_by: GroupBy::new(&config.group_by),
@@ -576,7 +600,13 @@ impl Detector {
                 anomaly: intern("anomaly"),
                 anomaly_score: intern("anomaly_score"),
             },
-        })
+            persist: cx
+                .state_dir
+                .as_deref()
+                .map(|dir| state::Persist::new(dir, config)),
+        };
+        detector.restore();
+        Ok(detector)
     }
 
     /// What the stage counted so far.
@@ -694,6 +724,7 @@ impl Detector {
                 }
             };
             if back {
+                self.stats.alerts += 1;
                 let alert = self.missing_alert(&key, r.time, false);
                 raised.push(emit_alert(alert, &r.finalizers, out));
             }
@@ -831,8 +862,8 @@ impl Detector {
         r
     }
 
-    fn missing_alert(&mut self, key: &GroupKey, time: i64, offline: bool) -> Record {
-        self.stats.alerts += 1;
+    /// The "offline" / "back online" alert of group `key` (not counted: the caller does).
+    fn missing_alert(&self, key: &GroupKey, time: i64, offline: bool) -> Record {
         let n = &self.names;
         let group = GroupBy::display(key);
         let (severity, message) = if offline {
@@ -1104,12 +1135,42 @@ impl Transform for Detector {
     }
 
     fn tick_interval(&self) -> Option<Duration> {
-        let (timeout, _) = self.missing?;
-        let quarter = Duration::from_nanos(u64::try_from(timeout / 4).unwrap_or(0));
-        Some(quarter.clamp(Duration::from_millis(10), Duration::from_secs(1)))
+        let missing = self.missing.map(|(timeout, _)| {
+            let quarter = Duration::from_nanos(u64::try_from(timeout / 4).unwrap_or(0));
+            quarter.clamp(Duration::from_millis(10), Duration::from_secs(1))
+        });
+        let save = self.persist.as_ref().map(|p| p.interval);
+        match (missing, save) {
+            (Some(m), Some(s)) => Some(m.min(s)),
+            (m, s) => m.or(s),
+        }
     }
 
     fn on_tick(&mut self, now: i64, out: &mut TransformOutput) {
+        self.check_heartbeats(now, out);
+        self.save_if_due(now);
+    }
+
+    fn flush(&mut self, _out: &mut TransformOutput) {
+        let s = self.stats;
+        tracing::info!(
+            transform = %self.name,
+            alerts = s.alerts,
+            evicted_series = s.evicted_series,
+            invalid = s.invalid,
+            "anomaly stopped"
+        );
+    }
+
+    fn save_state(&mut self) {
+        self.save_now();
+    }
+}
+
+impl Detector {
+    /// The `missing` detector's timer: raises "offline" for groups silent past the timeout,
+    /// and again those whose "offline" alert was lost.
+    fn check_heartbeats(&mut self, now: i64, out: &mut TransformOutput) {
         let Some((timeout, clock)) = self.missing else {
             return;
         };
@@ -1133,6 +1194,7 @@ impl Transform for Detector {
         offline.sort();
         let none = Finalizers::new();
         for key in offline {
+            self.stats.alerts += 1;
             let alert = self.missing_alert(&key, now, true);
             let sent = emit_alert(alert, &none, out);
             if let Some(hb) = self.heartbeats.peek_mut(&key) {
@@ -1147,17 +1209,6 @@ impl Transform for Detector {
                 hb.offline_alert = Some(sent);
             }
         }
-    }
-
-    fn flush(&mut self, _out: &mut TransformOutput) {
-        let s = self.stats;
-        tracing::info!(
-            transform = %self.name,
-            alerts = s.alerts,
-            evicted_series = s.evicted_series,
-            invalid = s.invalid,
-            "anomaly stopped"
-        );
     }
 }
 
@@ -1174,6 +1225,7 @@ mod tests {
             warmup: 5,
             max_series: 100,
             annotate: false,
+            state_interval: default_state_interval(),
         };
         f(&mut c);
         Detector::new(&c, &cx()).expect("valid config")
@@ -1702,6 +1754,7 @@ mod tests {
                 warmup: 0,
                 max_series: 10,
                 annotate: false,
+                state_interval: default_state_interval(),
             };
             Detector::new(&c, &cx()).is_err()
         };
