@@ -5,8 +5,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `sluice` with its state (disk buffers, anomaly baselines) in a data directory of this test
+/// process, never in the crate directory: a run must not inherit state from an earlier run.
 fn sluice() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+    let data =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-data-{}", std::process::id()));
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.env("SLUICE_DATA_DIR", data);
+    c
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {

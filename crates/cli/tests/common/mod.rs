@@ -26,10 +26,15 @@ impl Sluice {
     /// Starts the pipeline with extra environment variables (`RUST_LOG` defaults to
     /// [`DEFAULT_LOG`]); with `ready`, waits up to 60 s for a stderr line containing it.
     pub fn start(pipeline: &Path, envs: &[(&str, &str)], ready: Option<&'static str>) -> Sluice {
+        // State (disk buffers, anomaly baselines) goes to a data directory of this test
+        // process, shared by its restarts, never to the crate directory (tests may override).
+        let data = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("sluice-data-{}", std::process::id()));
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("run")
             .arg(pipeline)
             .env("RUST_LOG", DEFAULT_LOG)
+            .env("SLUICE_DATA_DIR", data)
             .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
