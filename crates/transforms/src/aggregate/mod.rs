@@ -40,6 +40,7 @@
 
 mod config;
 mod pending;
+mod progress;
 #[cfg(test)]
 mod tests;
 mod window;
@@ -57,6 +58,7 @@ use smallvec::SmallVec;
 use self::config::ns;
 pub use self::config::{AggFn, AggregateConfig, WatermarkMode, WhenFull};
 use self::pending::Pending;
+use self::progress::Progress;
 use self::window::{gap_of, new_window, FieldSpec, Window, Windows};
 use crate::event_time::FutureSkew;
 use crate::group::{GroupBy, GroupKey};
@@ -138,6 +140,10 @@ pub struct Aggregator {
     closing: Vec<(GroupKey, Window)>,
     /// Emitted rollups awaiting their outcome.
     pending: Pending,
+    /// `global` with a state dir: the saved delivered-through watermark ([`progress`]).
+    progress: Option<Progress>,
+    /// The input ended for good and every window was flushed.
+    flushed: bool,
     stats: Stats,
     names: OutputNames,
 }
@@ -223,6 +229,16 @@ impl Aggregator {
                 "must be at least 1",
             ));
         }
+        let (progress, restored) = match (&cx.state_dir, config.watermark) {
+            (Some(dir), WatermarkMode::Global) => {
+                let (p, restored) = Progress::open(dir.clone(), &cx.name);
+                (Some(p), restored)
+            }
+            _ => (None, None),
+        };
+        if let Some(w) = restored {
+            tracing::info!(transform = %cx.name, watermark_ns = w, "aggregate: resuming after windows delivered before the restart");
+        }
         Ok(Aggregator {
             name: cx.name.clone(),
             windows,
@@ -236,12 +252,14 @@ impl Aggregator {
             skew: FutureSkew::new(config.max_future_skew),
             groups: LruCache::unbounded(),
             max_event: i64::MIN,
-            watermark: i64::MIN,
+            watermark: restored.unwrap_or(i64::MIN),
             next_close: i64::MAX,
             input_since_tick: false,
             last_input_wall: None,
             closing: Vec::new(),
             pending: Pending::new(config.max_pending_rollups),
+            progress,
+            flushed: false,
             stats: Stats::default(),
             names: OutputNames {
                 window_start: intern("window_start"),
@@ -249,6 +267,15 @@ impl Aggregator {
                 partial: intern("partial"),
             },
         })
+    }
+
+    /// `global`: the event time at or below which every window ends whose rollup is settled:
+    /// the watermark, held back by the earliest rollup still awaiting its outcome.
+    fn delivered_through(&self) -> i64 {
+        match self.pending.min_end(&self.names.window_end) {
+            Some(end) => self.watermark.min(end - 1),
+            None => self.watermark,
+        }
     }
 
     /// What the stage counted so far.
@@ -646,9 +673,26 @@ impl Transform for Aggregator {
             WatermarkMode::Global => self.advance_idle_global(now, out),
             WatermarkMode::PerGroup => self.advance_idle_per_group(now, out),
         }
+        let through = self.delivered_through();
+        if let Some(p) = &mut self.progress {
+            p.save(through, now, false);
+        }
+    }
+
+    fn save_state(&mut self) {
+        let through = self.delivered_through();
+        let flushed = self.flushed;
+        if let Some(p) = &mut self.progress {
+            if flushed {
+                p.clear();
+            } else {
+                p.save(through, now_ns(), true);
+            }
+        }
     }
 
     fn flush(&mut self, out: &mut TransformOutput) {
+        self.flushed = true;
         let mut open = Vec::new();
         while let Some((key, group)) = self.groups.pop_lru() {
             for w in group.windows {

@@ -56,6 +56,17 @@ impl Pending {
         self.entries.len()
     }
 
+    /// The earliest `window_end` (field `end_name`) of a rollup not settled yet.
+    pub(super) fn min_end(&self, end_name: &str) -> Option<i64> {
+        self.entries
+            .iter()
+            .filter_map(|e| match e.rollup.field(end_name) {
+                Some(sluice_core::Value::I64(end)) => Some(*end),
+                _ => None,
+            })
+            .min()
+    }
+
     /// Emits `rollup`, which stands for `inputs`, and keeps both until its outcome is known.
     pub(super) fn emit(&mut self, rollup: Record, inputs: Finalizers, out: &mut TransformOutput) {
         if inputs.is_empty() {

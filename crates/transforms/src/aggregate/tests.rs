@@ -688,3 +688,52 @@ fn per_group_idle_timeout_closes_a_silent_group_while_others_keep_sending() {
     assert_eq!(rolled[0].field("partial"), Some(&Value::Bool(false)));
     assert_eq!(a.open_groups(), 1, "d1's window is still open");
 }
+
+#[test]
+fn windows_delivered_before_a_restart_stay_closed_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cx_saved = BuildContext {
+        state_dir: Some(dir.path().to_path_buf()),
+        ..cx()
+    };
+    let mut a = Aggregator::new(&config(|_| {}), &cx_saved).expect("valid config");
+    // Inputs with a finalizer (as they come through a disk buffer): rollups wait for theirs.
+    let (f, _status) = ack::batch();
+    let mut first = temp(1.0, "d1", 1.0);
+    first.finalizers = Finalizers::one(f.clone());
+    let mut later = temp(75.0, "d1", 2.0);
+    later.finalizers = Finalizers::one(f.clone());
+    f.finish(BatchStatus::Delivered);
+    let mut out = run(&mut a, vec![first, later]);
+    let mut rolled = take(&mut out, "default");
+    assert_eq!(rolled.len(), 1, "window [0, 60 s) closed");
+    let now = now_ns();
+    a.on_tick(now, &mut TransformOutput::default());
+    assert!(
+        a.delivered_through() < 60 * S,
+        "an unsettled rollup holds the saved progress back"
+    );
+    rolled[0].finalize(BatchStatus::Delivered);
+    a.on_tick(now + 2 * S, &mut TransformOutput::default());
+    assert_eq!(a.delivered_through(), 65 * S);
+    a.save_state(); // a shutdown that left the open window to be replayed (no flush)
+    drop(a);
+
+    // After the restart, a replayed record of the delivered window does not reopen it.
+    let mut b = Aggregator::new(&config(|_| {}), &cx_saved).expect("valid config");
+    let mut out = run(&mut b, vec![temp(2.0, "d1", 5.0), temp(70.0, "d1", 3.0)]);
+    assert_eq!(take(&mut out, "late").len(), 1);
+    // Without the saved progress the same record would have reopened [0, 60 s).
+    let mut fresh = agg(|_| {});
+    let mut out = run(
+        &mut fresh,
+        vec![temp(2.0, "d1", 5.0), temp(70.0, "d1", 3.0)],
+    );
+    assert!(take(&mut out, "late").is_empty());
+
+    // Once the input ended for good and every window was flushed, the progress is forgotten.
+    let mut out = TransformOutput::default();
+    b.flush(&mut out);
+    b.save_state();
+    assert!(!dir.path().join("aggregate.json").exists());
+}
