@@ -58,6 +58,8 @@ const READ_BATCH_RECORDS: usize = 1024;
 const READ_BATCH_BYTES: u64 = 1 << 20;
 /// Bytes appended per group commit at most.
 const GROUP_BYTES: usize = 4 << 20;
+/// Records of just-written frames kept for a caught-up reader.
+const RECENT_RECORDS: usize = 8 * READ_BATCH_RECORDS;
 /// How long the reader waits for more frames when it has only a few records to hand out.
 const LINGER: Duration = Duration::from_millis(20);
 
@@ -81,6 +83,9 @@ struct Append {
     frame: Vec<u8>,
     finalizers: Finalizers,
     records: usize,
+    /// The records themselves (finalizers taken), handed to a caught-up reader without a
+    /// disk read once the frame is durable.
+    batch: Vec<crate::record::Record>,
 }
 
 impl Appender {
@@ -97,8 +102,8 @@ impl Appender {
             frame,
             finalizers,
             records: batch.records.len(),
+            batch: batch.records,
         };
-        drop(batch);
         self.tx.send(append).await.map_err(|_| Closed)
     }
 }
@@ -111,6 +116,10 @@ struct State {
     /// Everything below is released.
     released: u64,
     writer_done: bool,
+    /// Frames just made durable, with their records: `(start, end, written_at, records)`.
+    /// A reader at `start` takes them from here instead of reading and decoding them again.
+    recent: VecDeque<(u64, u64, i64, Vec<crate::record::Record>)>,
+    recent_records: usize,
 }
 
 struct Shared {
@@ -225,6 +234,8 @@ fn open_blocking(
             committed: end,
             released: read_from,
             writer_done: false,
+            recent: VecDeque::new(),
+            recent_records: 0,
         }),
         changed: Condvar::new(),
         bytes: metrics.gauge("disk_buffer_bytes"),
@@ -374,7 +385,7 @@ impl WriterTask {
                 }
                 continue;
             }
-            let ok = self.write(&group);
+            let ok = self.write(&mut group);
             let n: usize = group.iter().map(|a| a.records).sum();
             if ok {
                 self.shared.records.fetch_add(n as i64, Ordering::Relaxed);
@@ -422,12 +433,24 @@ impl WriterTask {
         true
     }
 
-    fn write(&mut self, group: &[Append]) -> bool {
+    fn write(&mut self, group: &mut [Append]) -> bool {
         let mut rolled = Vec::new();
         let mut result = Ok(());
-        for a in group {
+        let mut written = Vec::with_capacity(group.len());
+        for a in group.iter_mut() {
             let before = self.writer.segment_start();
-            match self.writer.append(&a.frame) {
+            let start = self.writer.position();
+            let appended = self.writer.append(&a.frame);
+            if appended.is_ok() {
+                let header = codec::Header::parse(&a.frame).map_or(0, |h| h.written_at);
+                written.push((
+                    start,
+                    self.writer.position(),
+                    header,
+                    std::mem::take(&mut a.batch),
+                ));
+            }
+            match appended {
                 Ok(Some(new)) => rolled.push((before, new)),
                 Ok(None) => {}
                 Err(e) => {
@@ -450,6 +473,15 @@ impl WriterTask {
         let start = self.writer.segment_start();
         st.segments.insert(start, self.writer.position() - start);
         st.committed = self.writer.position();
+        if result.is_ok() {
+            for entry in written {
+                if st.recent_records + entry.3.len() > RECENT_RECORDS {
+                    break; // the reader is behind: it reads these from disk
+                }
+                st.recent_records += entry.3.len();
+                st.recent.push_back(entry);
+            }
+        }
         self.shared
             .bytes
             .store(disk_bytes(&st) as i64, Ordering::Relaxed);
@@ -694,6 +726,37 @@ impl ReaderTask {
         let mut read_bytes = 0;
         let mut lingered = false;
         loop {
+            // Fast path: the frame at `pos` was just written; its records are still in memory.
+            let fresh = {
+                let mut st = self.shared.lock();
+                while st.recent.front().is_some_and(|e| e.1 <= self.pos) {
+                    if let Some(stale) = st.recent.pop_front() {
+                        st.recent_records -= stale.3.len();
+                    }
+                }
+                if st.recent.front().is_some_and(|e| e.0 == self.pos) {
+                    let entry = st.recent.pop_front();
+                    if let Some(e) = &entry {
+                        st.recent_records -= e.3.len();
+                    }
+                    entry
+                } else {
+                    None
+                }
+            };
+            if let Some((s, end, w, rs)) = fresh {
+                if start.is_none() {
+                    start = Some(s);
+                    written_at = w;
+                }
+                read_bytes += end - s;
+                records.extend(rs);
+                self.pos = end;
+                if records.len() >= READ_BATCH_RECORDS || read_bytes >= READ_BATCH_BYTES {
+                    break;
+                }
+                continue;
+            }
             let (committed, seg, seg_len, next_seg, writer_done) = {
                 let st = self.shared.lock();
                 let Some((&seg, &len)) = st.segments.range(..=self.pos).next_back() else {
