@@ -23,14 +23,27 @@
 //! * if it ended errored (a sink gave up, the source will redeliver), the key is forgotten and
 //!   the next copy passes as a new first copy. Discarding it would acknowledge data that no
 //!   sink has.
+//!
+//! The settled keys (first copy Delivered or Rejected) survive a restart: they are written to
+//! the component's state directory every `state_interval` (default 30 s) and at every orderly
+//! end, and read back at start ([`state`]), so that a message redelivered after a crash (an
+//! MQTT message whose PUBACK was never sent) is still discarded. Keys still pending or errored
+//! are not written: after a restart their redelivered copies pass as first copies. Keys older
+//! than `window` (from the newest event time in the snapshot) are not restored, and at most
+//! `max_entries` are (the newest). A snapshot that cannot be read, or was taken with another
+//! `key`, is ignored with a WARN naming the file; dedupe then starts empty.
+
+mod state;
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use sluice_core::ack::{self, Watch};
+use sluice_core::ack::{self, BatchStatus, Watch};
 use sluice_core::config::HumanDuration;
 use sluice_core::record::{Batch, Record};
 use sluice_core::registry::{BuildContext, TransformConfig};
@@ -59,10 +72,19 @@ pub struct DedupeConfig {
     /// Set a large value (e.g. "100y") to replay data stamped in the future. Default "5m".
     #[serde(default = "crate::event_time::default_max_future_skew")]
     pub max_future_skew: HumanDuration,
+    /// How often the settled keys are written to the component's state directory (they are
+    /// also written at every orderly end), so that duplicates are still recognised after a
+    /// crash. At most this much is lost in a crash: copies of keys settled since the last
+    /// snapshot pass again. "0s" writes only at the orderly end. Default "30s".
+    #[serde(default = "default_state_interval")]
+    pub state_interval: HumanDuration,
 }
 
 fn default_window() -> HumanDuration {
     HumanDuration(Duration::from_secs(300))
+}
+fn default_state_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 fn default_max_entries() -> usize {
     1_000_000
@@ -81,8 +103,18 @@ struct First {
     /// Its event time.
     time: i64,
     generation: u64,
-    /// Its outcome across every sink it reached.
-    outcome: Watch,
+    /// Its outcome across every sink it reached; `None` for a key restored from a snapshot
+    /// (only settled keys are written there).
+    outcome: Option<Watch>,
+}
+
+impl First {
+    fn status(&self) -> Option<BatchStatus> {
+        match &self.outcome {
+            Some(w) => w.status(),
+            None => Some(BatchStatus::Delivered),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +143,16 @@ pub struct Dedupe {
     pub duplicates: u64,
     /// Records dead-lettered for an event time beyond `max_future_skew`.
     pub future: u64,
+    /// The `key` option, written into snapshots.
+    key_def: Vec<String>,
+    /// Where snapshots go; `None` when nothing is persisted.
+    state_dir: Option<PathBuf>,
+    state_interval: Option<Duration>,
+    /// The periodic snapshot being written off the pipeline's threads, if any.
+    writer: Option<JoinHandle<()>>,
+    /// `next_gen` at the last snapshot and whether keys were still pending then: with no new
+    /// key and none pending, the snapshot would be the same.
+    last_snapshot: Option<(u64, bool)>,
 }
 
 impl Dedupe {
@@ -130,7 +172,7 @@ impl Dedupe {
                 None => Part::Field(k.clone()),
             })
             .collect();
-        Ok(Dedupe {
+        let mut d = Dedupe {
             parts,
             window: i64::try_from(config.window.0.as_nanos()).unwrap_or(i64::MAX),
             max_entries: config.max_entries,
@@ -141,7 +183,92 @@ impl Dedupe {
             newest: i64::MIN,
             duplicates: 0,
             future: 0,
-        })
+            key_def: config.key.clone(),
+            state_dir: cx.state_dir.clone(),
+            state_interval: Some(config.state_interval.0).filter(|i| !i.is_zero()),
+            writer: None,
+            last_snapshot: None,
+        };
+        d.restore();
+        Ok(d)
+    }
+
+    /// Reads the snapshot from the state directory, if any. Never fails: an unusable snapshot
+    /// is logged and dedupe starts empty.
+    fn restore(&mut self) {
+        let Some(dir) = &self.state_dir else { return };
+        let restored = match state::load(dir, &self.key_def) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!("{e}; ignored, dedupe starts with no keys");
+                return;
+            }
+        };
+        let path = dir.join(state::FILE);
+        // A snapshot "now" far ahead of the wall clock (the clock was set back) would expire
+        // every new key at once until the clock catches up.
+        if let Some(why) = self.skew.check(restored.newest, now_ns()) {
+            tracing::warn!(
+                "dedupe snapshot {}: newest {why}; ignored, dedupe starts with no keys",
+                path.display()
+            );
+            return;
+        }
+        let horizon = restored.newest.saturating_sub(self.window);
+        let live: Vec<_> = restored
+            .entries
+            .into_iter()
+            .filter(|(t, _)| *t >= horizon)
+            .collect();
+        // The newest `max_entries`, as `expire` would keep them.
+        let skip = live.len().saturating_sub(self.max_entries);
+        for (time, key) in live.into_iter().skip(skip) {
+            let key = key.into_boxed_str();
+            let generation = self.next_gen;
+            self.next_gen += 1;
+            self.seen.insert(
+                key.clone(),
+                First {
+                    time,
+                    generation,
+                    outcome: None,
+                },
+            );
+            self.order.push_back((time, generation, key));
+        }
+        self.newest = restored.newest;
+        self.last_snapshot = Some((self.next_gen, false));
+        tracing::info!(
+            "dedupe: restored {} keys from {}",
+            self.seen.len(),
+            path.display()
+        );
+    }
+
+    /// The snapshot of the settled keys within the window, with `next_gen` and whether keys
+    /// were pending (for [`unchanged`](Self::unchanged)).
+    fn snapshot(&self) -> (Vec<u8>, u64, bool) {
+        let horizon = self.newest.saturating_sub(self.window);
+        let mut pending = false;
+        let mut entries = Vec::with_capacity(self.seen.len());
+        for (time, generation, key) in &self.order {
+            let Some(first) = self.seen.get(key).filter(|f| f.generation == *generation) else {
+                continue; // replaced by a later copy, which has its own entry
+            };
+            match first.status() {
+                Some(s) if s.is_ackable() && *time >= horizon => entries.push((*time, &**key)),
+                None => pending = true,
+                Some(_) => {}
+            }
+        }
+        let bytes = state::encode(&self.key_def, self.newest, &entries);
+        (bytes, self.next_gen, pending)
+    }
+
+    /// Whether nothing changed since the last snapshot (no new key, none was pending).
+    fn unchanged(&self) -> bool {
+        self.last_snapshot == Some((self.next_gen, false))
     }
 
     fn key(&self, r: &Record) -> Result<Box<str>, String> {
@@ -197,7 +324,7 @@ impl Dedupe {
             First {
                 time: r.time,
                 generation,
-                outcome,
+                outcome: Some(outcome),
             },
         );
         self.order.push_back((r.time, generation, key));
@@ -226,10 +353,10 @@ impl Transform for Dedupe {
                 .seen
                 .get(&key)
                 .filter(|f| f.time >= horizon)
-                .map(|f| (f.outcome.status(), &f.outcome));
+                .map(|f| (f.status(), &f.outcome));
             match first {
                 // Pending: the duplicate is acknowledged only as far as the first copy is.
-                Some((None, outcome)) => {
+                Some((None, Some(outcome))) => {
                     self.duplicates += 1;
                     outcome.follow(std::mem::take(&mut r.finalizers));
                 }
@@ -245,6 +372,54 @@ impl Transform for Dedupe {
             }
         }
         self.expire();
+    }
+
+    fn tick_interval(&self) -> Option<Duration> {
+        self.state_dir.as_ref().and(self.state_interval)
+    }
+
+    /// Writes a snapshot off the pipeline's threads (a million keys take a while to fsync);
+    /// skipped while the previous one is still being written.
+    fn on_tick(&mut self, _now: i64, _out: &mut TransformOutput) {
+        let Some(dir) = self.state_dir.clone() else {
+            return;
+        };
+        if self.writer.as_ref().is_some_and(|w| !w.is_finished()) || self.unchanged() {
+            return;
+        }
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        let (bytes, generation, pending) = self.snapshot();
+        let spawned = std::thread::Builder::new()
+            .name("dedupe-state".into())
+            .spawn(move || {
+                if let Err((path, e)) = state::write(&dir, &bytes) {
+                    tracing::warn!("cannot write dedupe snapshot {}: {e}", path.display());
+                }
+            });
+        match spawned {
+            Ok(w) => {
+                self.writer = Some(w);
+                self.last_snapshot = Some((generation, pending));
+            }
+            Err(e) => tracing::warn!("dedupe: cannot start the snapshot writer: {e}"),
+        }
+    }
+
+    fn save_state(&mut self) {
+        let Some(dir) = &self.state_dir else { return };
+        // The periodic write must not land after (and replace) this newer one.
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        let (bytes, generation, pending) = self.snapshot();
+        match state::write(dir, &bytes) {
+            Ok(()) => self.last_snapshot = Some((generation, pending)),
+            Err((path, e)) => {
+                tracing::warn!("cannot write dedupe snapshot {}: {e}", path.display())
+            }
+        }
     }
 }
 
@@ -262,6 +437,7 @@ mod tests {
             window: HumanDuration(Duration::from_secs(window_s)),
             max_entries,
             max_future_skew: crate::event_time::default_max_future_skew(),
+            state_interval: default_state_interval(),
         };
         Dedupe::new(&c, &cx()).expect("valid")
     }
@@ -418,6 +594,7 @@ mod tests {
             window: default_window(),
             max_entries: 10,
             max_future_skew: crate::event_time::default_max_future_skew(),
+            state_interval: default_state_interval(),
         };
         let mut d = Dedupe::new(&c, &cx()).expect("valid");
         let kept = pass(
@@ -431,6 +608,7 @@ mod tests {
                 window: default_window(),
                 max_entries: 1,
                 max_future_skew: crate::event_time::default_max_future_skew(),
+                state_interval: default_state_interval(),
             },
             &cx()
         )
@@ -455,5 +633,109 @@ mod tests {
         let (dup, dup_status) = acked(2.0, "a", 1);
         assert!(pass(&mut d, vec![dup]).is_empty(), "still a duplicate");
         assert_eq!(dup_status.await, BatchStatus::Delivered);
+    }
+    fn with_state(
+        dir: &std::path::Path,
+        key: &[&str],
+        window_s: u64,
+        max_entries: usize,
+    ) -> Dedupe {
+        let c = DedupeConfig {
+            key: key.iter().map(|k| k.to_string()).collect(),
+            window: HumanDuration(Duration::from_secs(window_s)),
+            max_entries,
+            max_future_skew: crate::event_time::default_max_future_skew(),
+            state_interval: default_state_interval(),
+        };
+        let mut cx = cx();
+        cx.state_dir = Some(dir.to_path_buf());
+        Dedupe::new(&c, &cx).expect("valid")
+    }
+
+    const KEY: &[&str] = &["tags.device_id", "seq"];
+
+    #[test]
+    fn restore_keeps_only_keys_within_the_window_and_max_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = with_state(dir.path(), KEY, 60, 100);
+        deliver(
+            &mut d,
+            vec![
+                msg(0.0, "a", 1),
+                msg(50.0, "a", 2),
+                msg(90.0, "a", 3),
+                msg(100.0, "a", 4),
+            ],
+        );
+        d.save_state();
+
+        // 0 s is older than the window (60 s before the newest, 100 s): not restored.
+        let d = with_state(dir.path(), KEY, 60, 100);
+        let mut restored: Vec<_> = d.order.iter().map(|(t, _, _)| *t / 1_000_000_000).collect();
+        restored.sort_unstable();
+        assert_eq!(restored, vec![50, 90, 100]);
+        assert_eq!(d.seen.len(), 3);
+        assert_eq!(d.newest, 100_000_000_000);
+
+        // max_entries = 2: the two newest.
+        let mut d = with_state(dir.path(), KEY, 60, 2);
+        assert_eq!(d.seen.len(), 2);
+        assert_eq!(deliver(&mut d, vec![msg(100.0, "a", 4)]), 0, "remembered");
+        assert_eq!(
+            deliver(&mut d, vec![msg(100.0, "a", 2)]),
+            1,
+            "beyond max_entries"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_taken_with_another_key_is_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = with_state(dir.path(), KEY, 60, 100);
+        deliver(&mut d, vec![msg(0.0, "a", 1)]);
+        d.save_state();
+        assert_eq!(with_state(dir.path(), KEY, 60, 100).seen.len(), 1);
+        let d = with_state(dir.path(), &["tags.device_id"], 60, 100);
+        assert!(
+            d.seen.is_empty(),
+            "a key of another definition means something else"
+        );
+    }
+
+    #[test]
+    fn periodic_snapshots_only_when_something_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = with_state(dir.path(), KEY, 60, 100);
+        assert_eq!(d.tick_interval(), Some(Duration::from_secs(30)));
+        assert!(!d.unchanged(), "nothing written yet");
+        let kept = pass(&mut d, vec![msg(0.0, "a", 1)]);
+        let mut out = TransformOutput::default();
+        d.on_tick(0, &mut out);
+        assert!(!d.unchanged(), "a key was pending: written again next time");
+        for mut r in kept {
+            r.finalize(BatchStatus::Delivered);
+        }
+        // Wait for the writer before the next tick (a tick is skipped while one is running).
+        if let Some(w) = d.writer.take() {
+            w.join().expect("writer");
+        }
+        d.on_tick(0, &mut out);
+        assert!(d.unchanged());
+        if let Some(w) = d.writer.take() {
+            w.join().expect("writer");
+        }
+        assert_eq!(with_state(dir.path(), KEY, 60, 100).seen.len(), 1);
+        // Without a state directory, or with "0s", no tick at all.
+        assert_eq!(dedupe(60, 100).tick_interval(), None);
+        let c = DedupeConfig {
+            key: vec!["seq".into()],
+            window: default_window(),
+            max_entries: 10,
+            max_future_skew: crate::event_time::default_max_future_skew(),
+            state_interval: HumanDuration(Duration::ZERO),
+        };
+        let mut cx = cx();
+        cx.state_dir = Some(dir.path().to_path_buf());
+        assert_eq!(Dedupe::new(&c, &cx).expect("valid").tick_interval(), None);
     }
 }
