@@ -95,6 +95,8 @@ pub enum Clock {
     #[default]
     Wall,
     /// Event time: the newest event time of the whole stream is "now" (replays, simulations).
+    /// Heartbeats are checked as event time advances (every quarter of the timeout) and at
+    /// the end of the input, so a replay faster than the wall clock still reports silences.
     Event,
 }
 
@@ -432,6 +434,8 @@ pub struct Detector {
     raised: LruCache<GroupKey, VecDeque<Raised>>,
     /// Newest event time seen (the `event` clock).
     max_event: i64,
+    /// Event time of the last heartbeat check done while processing (the `event` clock).
+    event_checked: i64,
     scratch: Vec<f64>,
     stats: Stats,
     names: Names,
@@ -585,6 +589,7 @@ impl Detector {
             heartbeats: LruCache::new(cap),
             raised: LruCache::new(cap),
             max_event: i64::MIN,
+            event_checked: i64::MIN,
             scratch: Vec::new(),
             stats: Stats::default(),
             names: Names {
@@ -1132,6 +1137,17 @@ impl Transform for Detector {
         for r in batch.records {
             self.accept(r, wall, out);
         }
+        // The event clock moves with the data, not with the wall clock: check heartbeats as
+        // event time advances (every quarter timeout of it), so a file replayed faster than
+        // the timer still reports the devices that fell silent.
+        if let Some((timeout, Clock::Event)) = self.missing {
+            if self.max_event != i64::MIN
+                && self.max_event.saturating_sub(self.event_checked) >= (timeout / 4).max(1)
+            {
+                self.event_checked = self.max_event;
+                self.check_heartbeats(0, out);
+            }
+        }
     }
 
     fn tick_interval(&self) -> Option<Duration> {
@@ -1151,7 +1167,11 @@ impl Transform for Detector {
         self.save_if_due(now);
     }
 
-    fn flush(&mut self, _out: &mut TransformOutput) {
+    fn flush(&mut self, out: &mut TransformOutput) {
+        if let Some((_, Clock::Event)) = self.missing {
+            // The last event time decides, whatever the wall clock did.
+            self.check_heartbeats(0, out);
+        }
         let s = self.stats;
         tracing::info!(
             transform = %self.name,
@@ -1454,6 +1474,44 @@ mod tests {
         let alerts = take(&mut out, ANOMALIES);
         assert_eq!(alerts.len(), 1);
         assert!(str_field(&alerts[0], "message").contains("back online"));
+    }
+
+    #[test]
+    fn event_clock_missing_reports_without_a_timer_and_at_flush() {
+        let missing = || {
+            vec![DetectorConfig::Missing {
+                timeout: HumanDuration(Duration::from_secs(10)),
+                clock: Clock::Event,
+            }]
+        };
+        // A replay faster than the timer: no tick at all, d2 falls silent after 5 s.
+        let mut d = detector(missing(), |_| {});
+        let mut out = TransformOutput::default();
+        for s in 0..20 {
+            let mut batch = vec![temp(f64::from(s), "d1", 1.0)];
+            if s <= 5 {
+                batch.push(temp(f64::from(s), "d2", 1.0));
+            }
+            d.process(Batch::new(batch), &mut out);
+        }
+        let alerts = take(&mut out, ANOMALIES);
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        assert_eq!(alerts[0].tag("device_id"), Some("d2"));
+
+        // Silence that crosses the timeout only with the last records is reported at flush.
+        let mut d = detector(missing(), |_| {});
+        let mut out = TransformOutput::default();
+        d.process(
+            Batch::new(vec![temp(0.0, "d1", 1.0), temp(0.0, "d2", 1.0)]),
+            &mut out,
+        );
+        d.process(Batch::new(vec![temp(9.0, "d1", 1.0)]), &mut out);
+        d.process(Batch::new(vec![temp(10.5, "d1", 1.0)]), &mut out);
+        assert!(take(&mut out, ANOMALIES).is_empty());
+        d.flush(&mut out);
+        let alerts = take(&mut out, ANOMALIES);
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].tag("device_id"), Some("d2"));
     }
 
     /// Feeds d1 a normal reading and then `spike` (an acknowledgeable batch of one) through a
