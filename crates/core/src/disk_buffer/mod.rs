@@ -553,12 +553,7 @@ impl ReaderTask {
                 self.tx = None;
                 for (start, ..) in std::mem::take(&mut self.retries).into_values().flatten() {
                     self.lost_floor = Some(self.lost_floor.map_or(start, |f| f.min(start)));
-                    if let Some(n) = self.unresolved.get_mut(&start) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.unresolved.remove(&start);
-                        }
-                    }
+                    self.settle(start);
                 }
             }
             let mut progressed = self.resolve();
@@ -590,6 +585,16 @@ impl ReaderTask {
             }
         }
         self.release(true);
+    }
+
+    /// One slot starting at `start` no longer waits for an outcome.
+    fn settle(&mut self, start: u64) {
+        if let Some(n) = self.unresolved.get_mut(&start) {
+            *n -= 1;
+            if *n == 0 {
+                self.unresolved.remove(&start);
+            }
+        }
     }
 
     /// Applies resolved statuses; returns whether any arrived.
@@ -631,12 +636,7 @@ impl ReaderTask {
             self.shared
                 .records
                 .fetch_sub(i64::from(n), Ordering::Relaxed);
-            if let Some(n) = self.unresolved.get_mut(&start) {
-                *n -= 1;
-                if *n == 0 {
-                    self.unresolved.remove(&start);
-                }
-            }
+            self.settle(start);
         }
         any
     }
@@ -664,12 +664,7 @@ impl ReaderTask {
                 };
                 self.shared.replays.fetch_add(1, Ordering::Relaxed);
                 // The old slot's `unresolved` entry stands for the replay.
-                if let Some(n) = self.unresolved.get_mut(&start) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.unresolved.remove(&start);
-                    }
-                }
+                self.settle(start);
                 if !self.hand_out(start, end, written_at, attempts, records) {
                     return any;
                 }
@@ -858,9 +853,9 @@ impl ReaderTask {
             self.pending.pop_front();
             self.base += 1;
         }
+        // Ranges waiting for a replay keep their `unresolved` entry, so they hold it back too.
         let mut released = self.unresolved.keys().next().copied().unwrap_or(self.pos);
-        let retry_min = self.retries.values().flatten().map(|r| r.0).min();
-        for floor in [self.lost_floor, retry_min].into_iter().flatten() {
+        if let Some(floor) = self.lost_floor {
             released = released.min(floor);
         }
         let oldest = self
