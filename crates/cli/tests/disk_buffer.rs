@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_all_present, wait_child, wait_for, written, Sluice};
+use common::{assert_all_present, require_broker, wait_child, wait_for, written, Sluice};
 
 const STOP: Duration = Duration::from_secs(60);
 const SUBSCRIBED: Option<&str> = Some("subscribed");
@@ -28,15 +28,31 @@ const PER_RUN: u64 = 3_000;
 /// Start of the hour every message falls in (2025-11-24T16:00:00Z), in ms.
 const HOUR_MS: i64 = 1_764_000_000_000 / 3_600_000 * 3_600_000;
 
-fn require_broker() {
-    if std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:1883".parse().expect("address"),
-        Duration::from_secs(2),
+/// The part both pipelines share: an `mqtt` source (QoS 1, 100 in flight like AWS IoT Core)
+/// and a raw `file` sink fed straight from it, state under `dir/data`.
+fn source_and_raw_sink(id: &str, dir: &Path, topic: &str, raw: &Path) -> String {
+    format!(
+        r#"[pipeline]
+id = "{id}"
+data_dir = "{data}"
+
+[sources.in]
+type = "mqtt"
+url = "mqtt://127.0.0.1:1883"
+protocol = "v3.1.1"
+topics = ["{topic}"]
+qos = 1
+max_inflight = 100
+decode = {{ tags = ["device_id"] }}
+
+[sinks.raw]
+type = "file"
+inputs = ["in"]
+path = "{raw}"
+"#,
+        data = dir.join("data").display(),
+        raw = raw.display(),
     )
-    .is_err()
-    {
-        panic!("mosquitto is not listening on 127.0.0.1:1883: run `scripts/services.sh start`");
-    }
 }
 
 fn publish(topic: &str, lines: &str) {
@@ -107,24 +123,7 @@ fn hour_window_behind_a_disk_buffer_survives_kill_and_restart() {
     std::fs::write(
         &pipeline,
         format!(
-            r#"[pipeline]
-id = "dbuf-{tag}"
-data_dir = "{data}"
-
-[sources.in]
-type = "mqtt"
-url = "mqtt://127.0.0.1:1883"
-protocol = "v3.1.1"
-topics = ["{topic}"]
-qos = 1
-max_inflight = 100
-decode = {{ tags = ["device_id"] }}
-
-[sinks.raw]
-type = "file"
-inputs = ["in"]
-path = "{raw}"
-
+            r#"{head}
 [transforms.unique]
 type = "dedupe"
 inputs = ["in"]
@@ -144,8 +143,7 @@ type = "file"
 inputs = ["hourly"]
 path = "{hourly}"
 "#,
-            data = dir.path().join("data").display(),
-            raw = raw.display(),
+            head = source_and_raw_sink(&format!("dbuf-{tag}"), dir.path(), &topic, &raw),
             hourly = hourly.display(),
         ),
     )
@@ -294,24 +292,7 @@ fn influx_outage_behind_a_disk_buffer_stalls_nothing_and_loses_nothing() {
     std::fs::write(
         &pipeline,
         format!(
-            r#"[pipeline]
-id = "outage-{tag}"
-data_dir = "{data}"
-
-[sources.in]
-type = "mqtt"
-url = "mqtt://127.0.0.1:1883"
-protocol = "v3.1.1"
-topics = ["{topic}"]
-qos = 1
-max_inflight = 100
-decode = {{ tags = ["device_id"] }}
-
-[sinks.raw]
-type = "file"
-inputs = ["in"]
-path = "{raw}"
-
+            r#"{head}
 [sinks.influx]
 type = "influxdb"
 inputs = ["in"]
@@ -323,8 +304,7 @@ tags = ["device_id"]
 retry = {{ max_retries = 2, initial_backoff = "100ms", max_backoff = "500ms" }}
 buffer = {{ type = "disk", max_size = "256MiB" }}
 "#,
-            data = dir.path().join("data").display(),
-            raw = raw.display(),
+            head = source_and_raw_sink(&format!("outage-{tag}"), dir.path(), &topic, &raw),
         ),
     )
     .expect("write pipeline");

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{assert_all_present, duplicates, wait_child, wait_for, written, Sluice};
+use common::{
+    assert_all_present, duplicates, require_broker, wait_child, wait_for, written, Sluice,
+};
 
 /// How long a graceful stop may take before the test fails.
 const STOP: Duration = Duration::from_secs(60);
@@ -20,17 +22,6 @@ const STOP: Duration = Duration::from_secs(60);
 const SUBSCRIBED: Option<&str> = Some("subscribed");
 
 const MESSAGES: u64 = 10_000;
-
-fn require_broker() {
-    if std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:1883".parse().expect("address"),
-        Duration::from_secs(2),
-    )
-    .is_err()
-    {
-        panic!("mosquitto is not listening on 127.0.0.1:1883: run `scripts/services.sh start`");
-    }
-}
 
 #[test]
 fn kill_9_midway_loses_nothing() {

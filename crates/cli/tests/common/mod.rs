@@ -160,3 +160,15 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Fails the test, naming the start command, when mosquitto is not listening on 1883.
+pub fn require_broker() {
+    if std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:1883".parse().expect("address"),
+        Duration::from_secs(2),
+    )
+    .is_err()
+    {
+        panic!("mosquitto is not listening on 127.0.0.1:1883: run `scripts/services.sh start`");
+    }
+}
