@@ -30,13 +30,18 @@ struct Running {
 }
 
 async fn start(config: &MqttSourceConfig, name: &str) -> Running {
+    start_with_buffer(config, name, 64).await
+}
+
+/// [`start`] with an output buffer of `max_batches` batches.
+async fn start_with_buffer(config: &MqttSourceConfig, name: &str, max_batches: usize) -> Running {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
     let metrics = Arc::new(ComponentMetrics::new(name, Kind::Source));
     let cap = BufferConfig {
-        max_batches: 64,
+        max_batches,
         ..BufferConfig::default()
     };
     let (edge, input) = buffer(cap, Arc::new(ComponentMetrics::new("out", Kind::Sink)));
@@ -354,7 +359,9 @@ async fn crash_before_delivery_redelivers() {
     testing::require_broker();
     let topic = testing::unique("crash");
     let c = config(BROKER, &[&topic], Protocol::V311, 1);
-    let src = start(&c, "crash").await;
+    // Room for all 100 even if each arrives in a batch of its own (a busy machine makes
+    // smaller batches): with 64 batches the source blocked at ~87 records out.
+    let src = start_with_buffer(&c, "crash", 128).await;
     src.subscribed().await;
     testing::publish(BROKER, 1, json_messages(|_| topic.clone(), 0..100)).await;
     // The records sit undelivered in the output buffer when the source dies.
