@@ -50,6 +50,54 @@ fn keys_of_lines(lines: &[String]) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// Every point VictoriaMetrics returns for `measurement`: (device, field, time in ms) -> value,
+/// and how many there were.
+async fn export_points(
+    http: &reqwest::Client,
+    measurement: &str,
+) -> (HashMap<(String, String, i64), f64>, usize) {
+    http.get(format!("http://{VM}/internal/force_flush"))
+        .send()
+        .await
+        .expect("force_flush");
+    let export = http
+        .post(format!("http://{VM}/api/v1/export"))
+        .form(&[("match[]", format!("{{__name__=~\"{measurement}_.*\"}}"))])
+        .send()
+        .await
+        .expect("export")
+        .text()
+        .await
+        .expect("export body");
+    // (device, field, time in ms) -> value, as VictoriaMetrics stored it.
+    let mut stored: HashMap<(String, String, i64), f64> = HashMap::new();
+    let mut points = 0;
+    for line in export.lines() {
+        let series: serde_json::Value = serde_json::from_str(line).expect("export JSON");
+        let name = series["metric"]["__name__"].as_str().expect("name");
+        let field = name
+            .strip_prefix(&format!("{measurement}_"))
+            .expect("measurement prefix")
+            .to_string();
+        let device = series["metric"]["device_id"]
+            .as_str()
+            .expect("device_id tag stored")
+            .to_string();
+        let values = series["values"].as_array().expect("values");
+        let times = series["timestamps"].as_array().expect("timestamps");
+        assert_eq!(values.len(), times.len());
+        for (v, t) in values.iter().zip(times) {
+            points += 1;
+            stored.insert(
+                (device.clone(), field.clone(), t.as_i64().expect("ms")),
+                v.as_f64().expect("number"),
+            );
+        }
+    }
+
+    (stored, points)
+}
+
 fn counts<T: Ord + Clone>(items: &[T]) -> BTreeMap<T, usize> {
     let mut m = BTreeMap::new();
     for i in items {
@@ -131,45 +179,29 @@ async fn victoriametrics_reads_back_50k_records() {
     assert_eq!(sent.len(), 50_000);
     assert!(read_json_lines(&dir.path().join("dead.jsonl")).is_empty());
 
+    // Points the sent records make (numbers, booleans, strings stored as 0).
+    let wanted: usize = sent
+        .iter()
+        .map(|r| {
+            r["fields"]
+                .as_object()
+                .expect("fields")
+                .values()
+                .filter(|v| v.is_number() || v.is_boolean() || v.is_string())
+                .count()
+        })
+        .sum();
+    // VictoriaMetrics makes new series searchable asynchronously: on a busy machine a flush
+    // right after the write can miss some. Read until every point is there (or 60 s).
     let http = reqwest::Client::new();
-    http.get(format!("http://{VM}/internal/force_flush"))
-        .send()
-        .await
-        .expect("force_flush");
-    let export = http
-        .post(format!("http://{VM}/api/v1/export"))
-        .form(&[("match[]", format!("{{__name__=~\"{measurement}_.*\"}}"))])
-        .send()
-        .await
-        .expect("export")
-        .text()
-        .await
-        .expect("export body");
-    // (device, field, time in ms) -> value, as VictoriaMetrics stored it.
-    let mut stored: HashMap<(String, String, i64), f64> = HashMap::new();
-    let mut points = 0;
-    for line in export.lines() {
-        let series: serde_json::Value = serde_json::from_str(line).expect("export JSON");
-        let name = series["metric"]["__name__"].as_str().expect("name");
-        let field = name
-            .strip_prefix(&format!("{measurement}_"))
-            .expect("measurement prefix")
-            .to_string();
-        let device = series["metric"]["device_id"]
-            .as_str()
-            .expect("device_id tag stored")
-            .to_string();
-        let values = series["values"].as_array().expect("values");
-        let times = series["timestamps"].as_array().expect("timestamps");
-        assert_eq!(values.len(), times.len());
-        for (v, t) in values.iter().zip(times) {
-            points += 1;
-            stored.insert(
-                (device.clone(), field.clone(), t.as_i64().expect("ms")),
-                v.as_f64().expect("number"),
-            );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (stored, points) = loop {
+        let (stored, points) = export_points(&http, &measurement).await;
+        if points >= wanted || Instant::now() > deadline {
+            break (stored, points);
         }
-    }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
 
     let mut expected_points = 0;
     for record in &sent {
