@@ -74,6 +74,13 @@ pub struct BufferConfig {
     /// `kill -9` of sluice but not of the machine.
     #[serde(default = "default_fsync")]
     pub fsync: bool,
+    /// Disk buffers: how often one record may fail (Errored) while the stage delivers other
+    /// records, before the buffer sends it to the stage's `dead_letter` output. A failing
+    /// batch is first split in halves to find the record that fails. While the stage
+    /// delivers nothing at all (an outage) nothing is counted and replays go on without
+    /// limit. Default 10; 0 = replay without limit.
+    #[serde(default = "default_max_replays")]
+    pub max_replays: u32,
 }
 
 fn default_max_batches() -> usize {
@@ -88,6 +95,10 @@ fn default_fsync() -> bool {
     true
 }
 
+fn default_max_replays() -> u32 {
+    10
+}
+
 impl Default for BufferConfig {
     fn default() -> Self {
         BufferConfig {
@@ -96,6 +107,7 @@ impl Default for BufferConfig {
             when_full: WhenFull::Block,
             max_size: default_max_size(),
             fsync: default_fsync(),
+            max_replays: default_max_replays(),
         }
     }
 }
@@ -107,6 +119,8 @@ pub struct Input {
     metrics: Arc<ComponentMetrics>,
     /// Set by a disk buffer that closed the input at shutdown with records still on disk.
     abandoned: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// A disk buffer's way to the consumer's `dead_letter` output, for poison records.
+    dead_letter: Option<Arc<std::sync::OnceLock<Outputs>>>,
 }
 
 impl Input {
@@ -115,11 +129,22 @@ impl Input {
         rx: mpsc::Receiver<Batch>,
         metrics: Arc<ComponentMetrics>,
         abandoned: Arc<std::sync::atomic::AtomicBool>,
+        dead_letter: Arc<std::sync::OnceLock<Outputs>>,
     ) -> Input {
         Input {
             rx,
             metrics,
             abandoned: Some(abandoned),
+            dead_letter: Some(dead_letter),
+        }
+    }
+
+    /// Gives a disk buffer the consumer's outputs: a record that keeps failing while the
+    /// consumer delivers others goes to their `dead_letter` output (see
+    /// [`BufferConfig::max_replays`]). A memory buffer needs nothing: its source counts.
+    pub fn route_poison_to(&self, outputs: &Outputs) {
+        if let Some(slot) = &self.dead_letter {
+            let _ = slot.set(outputs.clone());
         }
     }
 
@@ -173,6 +198,7 @@ pub fn buffer(config: BufferConfig, consumer: Arc<ComponentMetrics>) -> (Edge, I
             rx,
             metrics: consumer,
             abandoned: None,
+            dead_letter: None,
         },
     )
 }

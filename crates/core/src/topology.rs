@@ -335,7 +335,11 @@ impl Plan {
             // rejected: what it rejects in turn changes no acknowledgement.
             let only_dead_letters = !node.inputs.is_empty()
                 && node.inputs.iter().all(|(_, output)| output == DEAD_LETTER);
-            if dead_letter_read[i] || only_dead_letters || !node.parsed.can_reject() {
+            // A disk buffer dead-letters poison records itself (`max_replays`).
+            let buffer_rejects =
+                node.decl.buffer.kind == BufferType::Disk && node.decl.buffer.max_replays > 0;
+            let can_reject = node.parsed.can_reject() || buffer_rejects;
+            if dead_letter_read[i] || only_dead_letters || !can_reject {
                 continue;
             }
             let name = &node.decl.name;
@@ -525,6 +529,9 @@ impl Plan {
             .zip(comp_metrics);
         for (idx, ((((node, built), input), out), m)) in iter.enumerate() {
             let name = node.decl.name.clone();
+            if let Some(input) = &input {
+                input.route_poison_to(&out);
+            }
             match (built, input) {
                 (Some(Built::Source(source)), _) => {
                     let cx = SourceContext {
@@ -887,5 +894,39 @@ inputs = ["in.dead_letter", "pass.dead_letter", "hourly.dead_letter"]
         assert_eq!(warnings(&within), Vec::<String>::new());
         let tolerant = chain("", "").replace("tolerance = \"30s\"", "tolerance = \"2h\"");
         assert_eq!(warnings(&tolerant), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_disk_buffer_can_dead_letter_so_its_dead_letter_output_should_be_read() {
+        let mut registry = Registry::new();
+        registry
+            .source::<Acking>("acking")
+            .sink::<Holding>("holding");
+        let text = |buffer: &str| {
+            format!(
+                "[sources.in]\ntype = \"acking\"\ntolerance = \"30s\"\n\n[sinks.out]\ntype = \"holding\"\ninputs = [\"in\"]\n{buffer}\n"
+            )
+        };
+        let dead_letter_warnings = |buffer: &str| -> Vec<String> {
+            let config = parse_str(&text(buffer), Path::new("t.toml")).expect("parses");
+            plan(config, &registry)
+                .expect("valid")
+                .warnings()
+                .iter()
+                .map(ToString::to_string)
+                .filter(|w| w.contains("out.dead_letter"))
+                .collect()
+        };
+        // The sink itself never rejects: nothing to warn about in memory.
+        assert_eq!(dead_letter_warnings(""), Vec::<String>::new());
+        assert_eq!(
+            dead_letter_warnings("buffer = { type = \"disk\" }").len(),
+            1,
+            "its disk buffer dead-letters poison records"
+        );
+        assert_eq!(
+            dead_letter_warnings("buffer = { type = \"disk\", max_replays = 0 }"),
+            Vec::<String>::new()
+        );
     }
 }

@@ -7,9 +7,10 @@
 //! (`fsync = true`, the default) and only then finishes the batches' finalizers. Downstream,
 //! the reader thread reads frames back, gives each read batch a finalizer of its own and
 //! keeps the byte range until that finalizer resolves: Delivered or Rejected releases it,
-//! Errored replays it (after a growing delay, without bound: an outage is retried until it
-//! ends; poison records are for the consumer to reject). Released space is reclaimed a
-//! segment at a time.
+//! Errored replays it after a growing delay. An outage (the consumer delivers nothing) is
+//! retried until it ends; a failing batch while other records pass is split in halves until
+//! the failing record is alone, which after `max_replays` more failures goes to the
+//! consumer's `dead_letter` output. Released space is reclaimed a segment at a time.
 //!
 //! On restart every unreleased byte range is replayed (at-least-once). The released position is
 //! persisted (a contiguous prefix, written at most every 200 ms), so what is replayed after a
@@ -47,7 +48,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::{BatchStatus, Finalizers, Tracker};
-use crate::channel::{BufferConfig, Closed, Edge, Input, WhenFull};
+use crate::channel::{BufferConfig, Closed, Edge, Input, Outputs, WhenFull, DEAD_LETTER};
 use crate::metrics::ComponentMetrics;
 use crate::record::Batch;
 use segment::{Found, Reader, Writer};
@@ -62,6 +63,8 @@ const GROUP_BYTES: usize = 4 << 20;
 const RECENT_RECORDS: usize = 8 * READ_BATCH_RECORDS;
 /// How long the reader waits for more frames when it has only a few records to hand out.
 const LINGER: Duration = Duration::from_millis(20);
+/// Splits whose delivered half is remembered (evidence for the failing half's strikes).
+const SPLITS_REMEMBERED: usize = 1024;
 
 /// Why a disk buffer could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +261,7 @@ fn open_blocking(
     let (append_tx, append_rx) = mpsc::channel::<Append>(cap.saturating_mul(8).clamp(16, 1024));
     let (out_tx, out_rx) = mpsc::channel::<Batch>(cap);
     let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dead_letter = Arc::new(std::sync::OnceLock::new());
 
     let w = WriterTask {
         shared: shared.clone(),
@@ -287,6 +291,14 @@ fn open_blocking(
         unresolved: BTreeMap::new(),
         lost_floor: None,
         retries: BTreeMap::new(),
+        ok: 0,
+        last_ok: false,
+        ok_splits: VecDeque::new(),
+        next_split: 0,
+        max_replays: config.max_replays,
+        dead_letter: dead_letter.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        poisoned: metrics.counter("disk_buffer_poisoned_total"),
         persisted: read_from,
         persisted_at: Instant::now(),
         run_start: end,
@@ -304,7 +316,7 @@ fn open_blocking(
         .map_err(io_err)?;
     Ok((
         Edge::disk(Appender { tx: append_tx }, metrics.clone()),
-        Input::from_receiver(out_rx, metrics, abandoned),
+        Input::from_receiver(out_rx, metrics, abandoned, dead_letter),
     ))
 }
 
@@ -506,13 +518,42 @@ enum SlotState {
     Done,
 }
 
-/// One batch handed to the consumer: the byte range it was read from.
-struct Slot {
+/// What a read batch was made of: a byte range of frames, or some of its records.
+#[derive(Debug, Clone, Copy)]
+struct Range {
     start: u64,
     end: u64,
     written_at: i64,
-    records: u32,
+    /// Records `lo..hi` of the range only (a half of a batch that failed, see `max_replays`).
+    part: Option<(u32, u32)>,
+    /// The split that made this half (its sibling has the same id); 0: not a half.
+    split: u64,
+    /// Replays so far (sets the backoff).
     attempts: u32,
+    /// Failures counted against `max_replays`: while alone (`part` of one record) and while
+    /// the consumer delivered other records.
+    strikes: u32,
+    /// Goes to the consumer's `dead_letter` output, not its input.
+    dead: bool,
+}
+
+/// What a failure of a range says about the consumer (see `ReaderTask::schedule_replay`).
+#[derive(Debug, Clone, Copy)]
+struct Evidence {
+    /// Other slots were delivered since this one was handed out.
+    delivered_since: bool,
+    /// The slot resolved just before this failure was delivered.
+    last_ok: bool,
+    /// The other half of the split that made this range was delivered.
+    sibling_delivered: bool,
+}
+
+/// One batch handed to the consumer.
+struct Slot {
+    range: Range,
+    records: u32,
+    /// The reader's `ok` count when handed out: more later means the consumer works.
+    mark: u64,
     state: SlotState,
 }
 
@@ -531,8 +572,22 @@ struct ReaderTask {
     unresolved: BTreeMap<u64, u32>,
     /// Lowest start of a range that failed after the input closed: never released this run.
     lost_floor: Option<u64>,
-    /// Errored ranges waiting for their replay: due time → (start, end, attempts, written_at).
-    retries: BTreeMap<Instant, Vec<(u64, u64, u32, i64)>>,
+    /// Errored ranges waiting for their replay, by due time.
+    retries: BTreeMap<Instant, Vec<Range>>,
+    /// Slots resolved Delivered or Rejected so far: evidence that the consumer works, so a
+    /// failure is the records' fault rather than an outage.
+    ok: u64,
+    /// Whether the last slot resolved was delivered.
+    last_ok: bool,
+    /// Splits one of whose halves was delivered (the other half holds the failing record),
+    /// newest last, at most `SPLITS_REMEMBERED`.
+    ok_splits: VecDeque<u64>,
+    next_split: u64,
+    max_replays: u32,
+    /// The consumer's outputs, for records that exhausted `max_replays`.
+    dead_letter: Arc<std::sync::OnceLock<Outputs>>,
+    runtime: tokio::runtime::Handle,
+    poisoned: Arc<AtomicI64>,
     persisted: u64,
     persisted_at: Instant,
     /// Where this run's writer started: frames below came from a previous run.
@@ -551,7 +606,8 @@ impl ReaderTask {
                 // Shutting down: leave the backlog on disk for the next start.
                 self.abandoned.store(true, Ordering::Release);
                 self.tx = None;
-                for (start, ..) in std::mem::take(&mut self.retries).into_values().flatten() {
+                for range in std::mem::take(&mut self.retries).into_values().flatten() {
+                    let start = range.start;
                     self.lost_floor = Some(self.lost_floor.map_or(start, |f| f.min(start)));
                     self.settle(start);
                 }
@@ -612,33 +668,87 @@ impl ReaderTask {
                 continue;
             }
             slot.state = SlotState::Done;
-            let (start, end, attempts, written_at, n) = (
-                slot.start,
-                slot.end,
-                slot.attempts,
-                slot.written_at,
-                slot.records,
-            );
+            let (range, n, mark) = (slot.range, slot.records, slot.mark);
+            let last_ok = std::mem::replace(&mut self.last_ok, status != BatchStatus::Errored);
             if status == BatchStatus::Errored {
                 if self.tx.is_some() {
-                    let delay = Duration::from_millis(200)
-                        .saturating_mul(1 << attempts.min(8))
-                        .min(Duration::from_secs(30));
-                    self.retries
-                        .entry(Instant::now() + delay)
-                        .or_default()
-                        .push((start, end, attempts + 1, written_at));
+                    let evidence = Evidence {
+                        delivered_since: self.ok > mark,
+                        last_ok,
+                        sibling_delivered: range.split != 0
+                            && self.ok_splits.contains(&range.split),
+                    };
+                    self.schedule_replay(range, n, evidence);
                     continue; // stays unresolved until the replay resolves
                 }
                 // The consumer's input is closed: keep the range for the next run.
+                let start = range.start;
                 self.lost_floor = Some(self.lost_floor.map_or(start, |f| f.min(start)));
+            } else {
+                self.ok += 1;
+                if range.split != 0 && !self.ok_splits.contains(&range.split) {
+                    if self.ok_splits.len() == SPLITS_REMEMBERED {
+                        self.ok_splits.pop_front();
+                    }
+                    self.ok_splits.push_back(range.split);
+                }
             }
             self.shared
                 .records
                 .fetch_sub(i64::from(n), Ordering::Relaxed);
-            self.settle(start);
+            self.settle(range.start);
         }
         any
+    }
+
+    /// Schedules the replay of a failed range of `n` records. With evidence that the consumer
+    /// works for other records, a batch is split in halves (to find the record that fails) and
+    /// a lone record gets a strike; after `max_replays` strikes it goes to `dead_letter`.
+    /// Without it (an outage: everything fails) the range is retried as is, without limit.
+    fn schedule_replay(&mut self, mut range: Range, n: u32, evidence: Evidence) {
+        let now = Instant::now();
+        let backoff = |attempts: u32| {
+            Duration::from_millis(200)
+                .saturating_mul(1 << attempts.min(8))
+                .min(Duration::from_secs(30))
+        };
+        if self.max_replays > 0 && !range.dead {
+            // Splitting costs nothing but smaller batches: any sign of a working consumer will do.
+            if n > 1 && (evidence.delivered_since || evidence.last_ok || evidence.sibling_delivered)
+            {
+                let (lo, hi) = range.part.unwrap_or((0, n));
+                let mid = lo + (hi - lo) / 2;
+                self.next_split += 1;
+                let split = self.next_split;
+                let half = |part| Range {
+                    part: Some(part),
+                    split,
+                    attempts: 0,
+                    strikes: 0,
+                    ..range
+                };
+                let due = now + backoff(0);
+                let halves = self.retries.entry(due).or_default();
+                halves.push(half((lo, mid)));
+                halves.push(half((mid, hi)));
+                // The failed slot's `unresolved` entry stands for one half; add the other's.
+                *self.unresolved.entry(range.start).or_default() += 1;
+                return;
+            }
+            // A strike needs stronger evidence: records delivered since this one was handed
+            // out, or its other half delivered.
+            if n == 1 && (evidence.delivered_since || evidence.sibling_delivered) {
+                range.strikes += 1;
+                if range.strikes >= self.max_replays {
+                    range.dead = true;
+                    self.retries.entry(now).or_default().push(range);
+                    return;
+                }
+            }
+        }
+        let due = now + backoff(range.attempts);
+        range.attempts += 1;
+        self.retries.entry(due).or_default().push(range);
     }
 
     /// Replays the errored ranges whose delay is over.
@@ -647,25 +757,31 @@ impl ReaderTask {
         let due: Vec<Instant> = self.retries.range(..=now).map(|(k, _)| *k).collect();
         let mut any = false;
         for key in due {
-            for (start, end, attempts, written_at) in self.retries.remove(&key).unwrap_or_default()
-            {
+            for range in self.retries.remove(&key).unwrap_or_default() {
                 any = true;
                 let segments = self.shared.lock().segments.clone();
-                let records = match self.reader.reread(&segments, start, end) {
+                let mut records = match self.reader.reread(&segments, range.start, range.end) {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::error!(component = %self.shared.metrics.name, error = %e, "disk buffer: cannot re-read records for replay; retrying");
                         self.retries
                             .entry(now + Duration::from_secs(1))
                             .or_default()
-                            .push((start, end, attempts, written_at));
+                            .push(range);
                         continue;
                     }
                 };
+                if let Some((lo, hi)) = range.part {
+                    let hi = (hi as usize).min(records.len());
+                    records.truncate(hi);
+                    records.drain(..(lo as usize).min(hi));
+                }
                 self.shared.replays.fetch_add(1, Ordering::Relaxed);
                 // The old slot's `unresolved` entry stands for the replay.
-                self.settle(start);
-                if !self.hand_out(start, end, written_at, attempts, records) {
+                self.settle(range.start);
+                if range.dead {
+                    self.dead_letter(range, records);
+                } else if !self.hand_out(range, records) {
                     return any;
                 }
             }
@@ -673,32 +789,65 @@ impl ReaderTask {
         any
     }
 
-    /// Sends one read batch to the consumer with a finalizer tracking `[start, end)`.
-    fn hand_out(
-        &mut self,
-        start: u64,
-        end: u64,
-        written_at: i64,
-        attempts: u32,
-        mut records: Vec<crate::record::Record>,
-    ) -> bool {
+    /// Sends records that exhausted `max_replays` to the consumer's `dead_letter` output,
+    /// tracked like a handed-out batch (released once the dead-letter path resolves).
+    fn dead_letter(&mut self, range: Range, mut records: Vec<crate::record::Record>) {
+        let Some(outputs) = self.dead_letter.get().cloned() else {
+            // Not wired to a topology (cannot happen in a pipeline): keep replaying.
+            *self.unresolved.entry(range.start).or_default() += 1;
+            let range = Range {
+                dead: false,
+                strikes: 0,
+                ..range
+            };
+            self.retries
+                .entry(Instant::now() + Duration::from_secs(30))
+                .or_default()
+                .push(range);
+            return;
+        };
+        let why = format!(
+            "delivery failed {} times while other records were delivered; dead-lettered by the disk buffer's max_replays = {}",
+            range.strikes, self.max_replays
+        );
+        tracing::warn!(component = %self.shared.metrics.name, records = records.len(), "disk buffer: {why}");
+        self.poisoned
+            .fetch_add(records.len() as i64, Ordering::Relaxed);
+        let f = self.track(range, records.len());
+        let reason: Arc<str> = Arc::from(why.as_str());
+        for r in &mut records {
+            r.finalizers = Finalizers::one(f.clone());
+            r.meta.error = Some(reason.clone());
+        }
+        f.finish(BatchStatus::Delivered);
+        let batch = Batch::new(records);
+        // A closed output (shutdown) drops the batch: its finalizer reports Errored and the
+        // range is kept for the next run.
+        let _ = self.runtime.block_on(outputs.send_to(DEAD_LETTER, batch));
+    }
+
+    /// Adds a slot for `range` and returns the finalizer its records carry.
+    fn track(&mut self, range: Range, records: usize) -> crate::ack::Finalizer {
         let id = self.base + self.pending.len() as u64;
         self.pending.push_back(Slot {
-            start,
-            end,
-            written_at,
-            records: records.len() as u32,
-            attempts,
+            range,
+            records: records as u32,
+            mark: self.ok,
             state: SlotState::Pending,
         });
-        *self.unresolved.entry(start).or_default() += 1;
-        if attempts == 0 && start < self.run_start {
+        *self.unresolved.entry(range.start).or_default() += 1;
+        self.tracker.finalizer(id)
+    }
+
+    /// Sends one read batch to the consumer with a finalizer tracking its range.
+    fn hand_out(&mut self, range: Range, mut records: Vec<crate::record::Record>) -> bool {
+        if range.attempts == 0 && range.part.is_none() && range.start < self.run_start {
             // Recovered from a previous run: counted once read (the writer counts new ones).
             self.shared
                 .records
                 .fetch_add(records.len() as i64, Ordering::Relaxed);
         }
-        let f = self.tracker.finalizer(id);
+        let f = self.track(range, records.len());
         for r in &mut records {
             r.finalizers = Finalizers::one(f.clone());
         }
@@ -838,8 +987,17 @@ impl ReaderTask {
             // Only damage was read: nothing to hand out, nothing to wait for.
             return Ok(true);
         }
-        let end = self.pos;
-        self.hand_out(start, end, written_at, 0, records);
+        let range = Range {
+            start,
+            end: self.pos,
+            written_at,
+            part: None,
+            split: 0,
+            attempts: 0,
+            strikes: 0,
+            dead: false,
+        };
+        self.hand_out(range, records);
         Ok(true)
     }
 
@@ -862,7 +1020,7 @@ impl ReaderTask {
             .pending
             .iter()
             .find(|s| s.state == SlotState::Pending)
-            .map(|s| s.written_at);
+            .map(|s| s.range.written_at);
         let age = oldest.map_or(0, |w| {
             (crate::topology::now_ns().saturating_sub(w) / 1_000_000_000).max(0)
         });

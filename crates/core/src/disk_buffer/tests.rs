@@ -268,3 +268,125 @@ async fn the_input_closes_after_the_last_record_when_upstream_finishes() {
     }
     assert_eq!(n, 15);
 }
+
+/// Outputs whose `dead_letter` feeds the returned input.
+fn dead_letter_outputs() -> (Outputs, Input) {
+    use std::collections::HashMap;
+    let m = Arc::new(ComponentMetrics::new("agg", Kind::Transform));
+    let (edge, input) = crate::channel::buffer(BufferConfig::default(), m.clone());
+    let named = HashMap::from([(DEAD_LETTER.to_string(), Output::new(vec![edge]))]);
+    (Outputs::new(Output::default(), named, m), input)
+}
+
+#[tokio::test]
+async fn a_record_that_keeps_failing_while_others_pass_is_dead_lettered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = BufferConfig {
+        max_replays: 3,
+        ..config(1 << 30)
+    };
+    let (out, mut input, m) = start(dir.path(), cfg).await;
+    let (outputs, mut dead) = dead_letter_outputs();
+    input.route_poison_to(&outputs);
+    // Telemetry keeps flowing: 40 batches of 10, one record (time 42) fails every time.
+    let feeder = tokio::spawn(async move {
+        for k in 0..40 {
+            let (b, status) = batch(k * 10, 10);
+            out.send(b).await.expect("send");
+            assert_eq!(status.await, BatchStatus::Delivered);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        out
+    });
+    let mut delivered = std::collections::BTreeSet::new();
+    let mut failures_of_42 = 0;
+    let mut dead_records = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while dead_records.is_empty() || delivered.len() < 399 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delivered {} of 399, dead-lettered {:?}",
+            delivered.len(),
+            dead_records
+        );
+        tokio::select! {
+            Some(mut b) = input.recv() => {
+                if times(&b).contains(&42) {
+                    failures_of_42 += 1;
+                    b.finalize(BatchStatus::Errored);
+                } else {
+                    delivered.extend(times(&b));
+                    b.finalize(BatchStatus::Delivered);
+                }
+            }
+            Some(mut b) = dead.recv() => {
+                for r in &b.records {
+                    dead_records.push((r.time, r.meta.error.as_deref().unwrap_or("").to_string()));
+                }
+                // Written by the dead-letter sink (the status stays Rejected, set by send_to).
+                b.finalize(BatchStatus::Delivered);
+            }
+        }
+    }
+    assert_eq!(dead_records.len(), 1, "{dead_records:?}");
+    assert_eq!(dead_records[0].0, 42);
+    assert!(
+        dead_records[0].1.contains("max_replays = 3"),
+        "{}",
+        dead_records[0].1
+    );
+    assert!(!delivered.contains(&42));
+    assert_eq!(delivered.len(), 399, "every other record is delivered");
+    // Bounded: the halving search (at most log2(batch) splits) plus max_replays strikes.
+    assert!(
+        failures_of_42 <= 3 + 12,
+        "record 42 failed {failures_of_42} times"
+    );
+    assert_eq!(
+        m.gauge("disk_buffer_poisoned_total")
+            .load(Ordering::Relaxed),
+        1
+    );
+    eventually("everything to be released", || {
+        m.gauge("disk_buffer_records").load(Ordering::Relaxed) == 0
+    })
+    .await;
+    drop(feeder.await.expect("feeder"));
+}
+
+#[tokio::test]
+async fn an_outage_is_replayed_without_limit_and_dead_letters_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = BufferConfig {
+        max_replays: 2,
+        ..config(1 << 30)
+    };
+    let (out, mut input, m) = start(dir.path(), cfg).await;
+    let (outputs, mut dead) = dead_letter_outputs();
+    input.route_poison_to(&outputs);
+    let (b, status) = batch(0, 4);
+    out.send(b).await.expect("send");
+    assert_eq!(status.await, BatchStatus::Delivered);
+    // The consumer fails everything (its server is down) for 5 rounds, more than max_replays.
+    for _ in 0..5 {
+        let mut b = recv(&mut input).await;
+        assert_eq!(times(&b), [0, 1, 2, 3], "retried whole, not split");
+        b.finalize(BatchStatus::Errored);
+    }
+    // The server is back.
+    let mut b = recv(&mut input).await;
+    assert_eq!(times(&b), [0, 1, 2, 3]);
+    b.finalize(BatchStatus::Delivered);
+    eventually("everything to be released", || {
+        m.gauge("disk_buffer_records").load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let nothing = tokio::time::timeout(Duration::from_millis(300), dead.recv()).await;
+    assert!(nothing.is_err(), "nothing dead-lettered during an outage");
+    assert_eq!(
+        m.gauge("disk_buffer_poisoned_total")
+            .load(Ordering::Relaxed),
+        0
+    );
+    drop(out);
+}
