@@ -66,7 +66,12 @@
 //! **Keep-alive under backpressure.** While the window is full the poller does not read, so
 //! the broker's PINGRESP waits behind unread messages: incoming messages count as proof of
 //! life, and (v3.1.1) the poller writes a PINGREQ every `keep_alive / 2` while it waits, so a
-//! slow pipeline never costs the connection (nor the QoS 0 messages queued for it).
+//! slow pipeline never costs the connection (nor the QoS 0 messages queued for it). With v5 the
+//! broker is told the window (Receive Maximum), so a full window of held QoS 1/2 messages means
+//! nothing more arrives and the poller keeps polling, which sends the client's own PINGREQs
+//! (mosquitto also queues QoS 0 messages behind the held ones). Only a v5 broker that sends
+//! past Receive Maximum can make it stop reading, and then the broker's keep-alive applies
+//! (rumqttc does not expose the v5 connection for a ping of our own).
 //!
 //! **Metrics**: `connected` (0/1), `subscribed` (0/1, after the SUBACK), `reconnects`,
 //! `messages`, `inflight` (QoS 1/2 messages not yet acknowledged), `acks_dropped` (acks of a

@@ -973,3 +973,69 @@ async fn qos0_into_a_slow_sink_keeps_the_connection_and_stays_bounded() {
         publisher.abort();
     }
 }
+
+/// Issue 12, item 5: a QoS 1 window held downstream for several keep-alive periods (a stage
+/// that holds acknowledgements: every finalizer kept, nothing acknowledged). The poller cannot
+/// read (window full) yet keeps the connection: v3.1.1 writes PINGREQs itself, v5 polls the
+/// client just enough for its keep-alive. Nothing is redelivered, and once the held records are
+/// delivered the rest flows on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_qos1_window_held_downstream_keeps_the_connection() {
+    testing::require_broker();
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let topic = testing::unique("held-window");
+        let mut c = config(BROKER, &[&topic], protocol, 1);
+        // As short as each client allows (v5: 5 s); the hold below lasts 3 keep-alives.
+        let keep_alive = if protocol == Protocol::V5 { 5 } else { 1 };
+        c.connection.keep_alive =
+            sluice_core::config::HumanDuration(Duration::from_secs(keep_alive));
+        c.max_inflight = 20;
+        let mut src = start(&c, "held-window").await;
+        src.subscribed().await;
+        testing::publish(BROKER, 1, json_messages(|_| topic.clone(), 0..60)).await;
+        // Take the whole window and hold every record (no status: nothing acknowledged).
+        let mut held = Vec::new();
+        let mut taken = 0;
+        while taken < 20 {
+            let b = tokio::time::timeout(Duration::from_secs(30), src.input.recv())
+                .await
+                .expect("the first window arrives")
+                .expect("input open");
+            taken += b.len();
+            held.push(b);
+        }
+        // QoS 0 messages are not bound by the window the broker is told (v5 Receive Maximum):
+        // they arrive anyway and the poller stops reading with them pending.
+        testing::publish(BROKER, 0, json_messages(|_| topic.clone(), 60..80)).await;
+        tokio::time::sleep(Duration::from_secs(3 * keep_alive)).await;
+        assert_eq!(
+            src.metrics.counter("reconnects").load(Ordering::Relaxed),
+            0,
+            "{protocol:?}: the connection survived a full window held for 3 keep-alives"
+        );
+        assert_eq!(src.gauge("connected"), 1, "{protocol:?}");
+        let mut seen: BTreeSet<i64> = held
+            .iter()
+            .flat_map(|b| b.records.iter().map(seq))
+            .collect();
+        for mut b in held {
+            b.finalize(BatchStatus::Delivered);
+        }
+        // The other 60 follow, and nothing comes twice (no reconnect, no redelivery).
+        let mut count = seen.len();
+        while seen.len() < 80 {
+            let got = src.take(1, Some(BatchStatus::Delivered)).await;
+            count += got.len();
+            seen.extend(got.iter().map(seq));
+        }
+        assert_eq!(seen, (0..80).collect(), "{protocol:?}");
+        count += src.idle(Duration::from_millis(800)).await;
+        assert_eq!(count, 80, "{protocol:?}: no duplicates");
+        assert_eq!(
+            src.metrics.counter("reconnects").load(Ordering::Relaxed),
+            0,
+            "{protocol:?}"
+        );
+        src.stop().await.expect("clean stop");
+    }
+}
