@@ -89,6 +89,8 @@ struct Append {
     /// The records themselves (finalizers taken), handed to a caught-up reader without a
     /// disk read once the frame is durable.
     batch: Vec<crate::record::Record>,
+    /// Already in the segment (a group whose write failed part-way is retried from the rest).
+    appended: bool,
 }
 
 impl Appender {
@@ -106,6 +108,7 @@ impl Appender {
             finalizers,
             records: batch.records.len(),
             batch: batch.records,
+            appended: false,
         };
         self.tx.send(append).await.map_err(|_| Closed)
     }
@@ -270,6 +273,7 @@ fn open_blocking(
         max_size: config.max_size.0,
         when_full: config.when_full,
         fsync: config.fsync,
+        shutdown: shutdown.clone(),
     };
     let wake = {
         let s = Arc::downgrade(&shared);
@@ -373,6 +377,14 @@ struct WriterTask {
     max_size: u64,
     when_full: WhenFull,
     fsync: bool,
+    shutdown: CancellationToken,
+}
+
+/// Whether an I/O error means the file system is full (wait for space rather than fail).
+fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || e.kind() == io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(28 /* ENOSPC */ | 122 /* EDQUOT */))
 }
 
 impl WriterTask {
@@ -397,9 +409,35 @@ impl WriterTask {
                 }
                 continue;
             }
-            let ok = self.write(&mut group);
+            let mut result = self.write(&mut group);
+            // A full file system blocks like a full buffer (upstream waits, nothing is lost):
+            // retry the rest of the group until space comes back or the pipeline stops.
+            if result.as_ref().is_err_and(is_disk_full) {
+                tracing::warn!(
+                    component = %self.shared.metrics.name,
+                    dir = %self.shared.dir.display(),
+                    "disk buffer: the file system is full; blocking upstream until space is freed (retrying every second)"
+                );
+                self.shared.full.store(1, Ordering::Relaxed);
+                while result.as_ref().is_err_and(is_disk_full) && !self.shutdown.is_cancelled() {
+                    std::thread::sleep(Duration::from_secs(1));
+                    result = self.write(&mut group);
+                }
+                self.shared.full.store(0, Ordering::Relaxed);
+                if result.is_ok() {
+                    tracing::info!(component = %self.shared.metrics.name, "disk buffer: space is back; appending again");
+                }
+            }
+            if let Err(e) = &result {
+                tracing::error!(
+                    component = %self.shared.metrics.name,
+                    dir = %self.shared.dir.display(),
+                    error = %e,
+                    "disk buffer: append failed; the batches are not acknowledged and will be redelivered"
+                );
+            }
             let n: usize = group.iter().map(|a| a.records).sum();
-            if ok {
+            if result.is_ok() {
                 self.shared.records.fetch_add(n as i64, Ordering::Relaxed);
                 for a in group {
                     a.finalizers.finish(BatchStatus::Delivered);
@@ -445,15 +483,16 @@ impl WriterTask {
         true
     }
 
-    fn write(&mut self, group: &mut [Append]) -> bool {
+    fn write(&mut self, group: &mut [Append]) -> io::Result<()> {
         let mut rolled = Vec::new();
         let mut result = Ok(());
         let mut written = Vec::with_capacity(group.len());
-        for a in group.iter_mut() {
+        for a in group.iter_mut().filter(|a| !a.appended) {
             let before = self.writer.segment_start();
             let start = self.writer.position();
             let appended = self.writer.append(&a.frame);
             if appended.is_ok() {
+                a.appended = true;
                 let header = codec::Header::parse(&a.frame).map_or(0, |h| h.written_at);
                 written.push((
                     start,
@@ -499,16 +538,7 @@ impl WriterTask {
             .store(disk_bytes(&st) as i64, Ordering::Relaxed);
         self.shared.changed.notify_all();
         drop(st);
-        if let Err(e) = result {
-            tracing::error!(
-                component = %self.shared.metrics.name,
-                dir = %self.shared.dir.display(),
-                error = %e,
-                "disk buffer: append failed; the batches are not acknowledged and will be redelivered"
-            );
-            return false;
-        }
-        true
+        result
     }
 }
 

@@ -390,3 +390,107 @@ async fn an_outage_is_replayed_without_limit_and_dead_letters_nothing() {
     );
     drop(out);
 }
+
+/// A small tmpfs, unmounted on drop.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> SmallFs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a {size} tmpfs to fill a real file system and needs root (CI runs \
+             as root): mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// `Done when: Disk full … blocks (default) with a clear log line and metric; nothing lost.`
+/// A real full file system (a 4 MiB tmpfs filled by another file): appends fail with ENOSPC,
+/// the writer blocks upstream (no batch acknowledged, none failed: `disk_buffer_full` = 1)
+/// instead of erroring the batches, and once space is freed every record is appended once
+/// and delivered in order.
+#[tokio::test]
+async fn a_full_file_system_blocks_upstream_and_loses_nothing() {
+    use crate::record::Value;
+    let fs_ = SmallFs::mount("4m");
+    // Leave ~256 KiB free: room for a few of the 64 KiB batches below, not for all 40.
+    let filler = fs_.path().join("filler");
+    std::fs::write(&filler, vec![7u8; (4 << 20) - (256 << 10)]).expect("filler");
+    let (out, mut input, m) = start(&fs_.path().join("buffer"), config(1 << 30)).await;
+    let blob: Arc<str> = Arc::from("x".repeat(16 << 10).as_str());
+    let sender = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        for k in 0..40 {
+            let (mut b, status) = batch(k * 4, 4);
+            for r in &mut b.records {
+                r.set_field("blob", Value::Str(blob.clone()));
+            }
+            out.send(b).await.expect("send");
+            statuses.push(status);
+        }
+        let mut results = Vec::new();
+        for s in statuses {
+            results.push(s.await);
+        }
+        results
+    });
+    eventually("the writer to report a full file system", || {
+        m.gauge("disk_buffer_full").load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // Blocked, not failed: upstream waits for as long as the disk is full.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !sender.is_finished(),
+        "upstream is held while the disk is full"
+    );
+    assert_eq!(m.errors.load(Ordering::Relaxed), 0, "no batch errored");
+    std::fs::remove_file(&filler).expect("free the space");
+    let results = tokio::time::timeout(Duration::from_secs(60), sender)
+        .await
+        .expect("upstream acknowledged once space is back")
+        .expect("sender");
+    assert!(
+        results.iter().all(|s| *s == BatchStatus::Delivered),
+        "{results:?}"
+    );
+    assert_eq!(m.gauge("disk_buffer_full").load(Ordering::Relaxed), 0);
+    let mut seen = Vec::new();
+    while seen.len() < 160 {
+        let mut b = recv(&mut input).await;
+        seen.extend(times(&b));
+        b.finalize(BatchStatus::Delivered);
+    }
+    assert_eq!(
+        seen,
+        (0..160).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+    assert_eq!(
+        m.gauge("disk_buffer_corrupt_total").load(Ordering::Relaxed),
+        0
+    );
+}
