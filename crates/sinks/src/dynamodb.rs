@@ -92,7 +92,9 @@ pub struct DynamoDbConfig {
     /// supported). A tag or field of that name is not written again. Default "device_id".
     #[serde(default = "default_key_attribute")]
     pub key_attribute: String,
-    /// Tags written as string attributes. Default: all tags.
+    /// Tags written as string attributes. Tags and fields named like `key_attribute`,
+    /// `event_time_attribute` or `ttl_attribute` are never written (those attributes are the
+    /// sink's); of a tag and a field with one name, the tag is written. Default: all tags.
     #[serde(default)]
     pub tags: Option<Vec<String>>,
     /// Fields written as attributes (numbers → N, strings → S, booleans → BOOL; null fields
@@ -215,17 +217,29 @@ pub fn convert(
     };
     let mut attributes: Vec<(String, AttributeValue)> = Vec::new();
     let mut size = config.key_attribute.len() + key_value.len();
+    let empty_name = |kind: &str| {
+        format!("dynamodb: the record has a {kind} with an empty name; DynamoDB attribute names must not be empty")
+    };
     for (k, v) in &record.tags {
         if reserved(k) || !wanted(&config.tags, k) {
             continue;
+        }
+        if k.is_empty() {
+            return Err(empty_name("tag"));
         }
         size += k.len() + v.len();
         attributes.push((k.to_string(), AttributeValue::S(v.to_string())));
     }
     for (k, v) in &record.fields {
-        if reserved(k) || !wanted(&config.fields, k) || record.tag(k).is_some() {
+        if reserved(k)
+            || !wanted(&config.fields, k)
+            || (record.tag(k).is_some() && wanted(&config.tags, k))
+        {
             // A tag and a field of one name: the tag wins (one SET per attribute).
             continue;
+        }
+        if k.is_empty() && !matches!(v, Value::Null) {
+            return Err(empty_name("field"));
         }
         let value = match v {
             Value::Null => continue,
@@ -864,6 +878,10 @@ mod tests {
         let err = convert(&c, &key(&c), &r, 0).expect_err("empty device");
         assert!(err.contains("empty"), "{err}");
         let c = config("");
+        let mut r = record("d", 0);
+        r.set_field("", Value::I64(1));
+        let err = convert(&c, &key(&c), &r, 0).expect_err("empty field name");
+        assert!(err.contains("field with an empty name"), "{err}");
         for (v, want) in [
             (f64::NAN, "finite"),
             (f64::INFINITY, "finite"),
@@ -884,6 +902,31 @@ mod tests {
         assert!(convert(&c, &key(&c), &r, 0)
             .expect_err("big item")
             .contains("at most 409600"));
+    }
+
+    #[test]
+    fn the_sinks_own_attributes_are_not_overwritten_and_tags_win_over_fields() {
+        let c = config("ttl = \"1d\"\ntags = [\"site\"]");
+        let mut r = Record::new(2_000_000_000);
+        r.set_tag("device_id", "d");
+        r.set_tag("site", "north");
+        r.set_tag("zone", "z1");
+        r.set_field("site", Value::from("field-site"));
+        r.set_field("zone", Value::I64(3));
+        r.set_field("event_time", Value::I64(1));
+        r.set_field("ttl", Value::I64(1));
+        r.set_field("device_id", Value::from("other"));
+        let u = convert(&c, &key(&c), &r, 0).expect("ok");
+        assert_eq!(
+            u.attributes,
+            vec![
+                ("site".to_string(), AttributeValue::S("north".into())),
+                ("zone".to_string(), AttributeValue::N("3".into())),
+                ("event_time".to_string(), AttributeValue::N("2000".into())),
+                ("ttl".to_string(), AttributeValue::N("86402".into())),
+            ],
+            "tag `zone` is not selected, so field `zone` is written"
+        );
     }
 
     #[test]

@@ -331,7 +331,15 @@ async fn records_without_the_key_tag_are_dead_lettered_and_the_rest_delivered() 
     no_key.as_object_mut().expect("object").remove("device_id");
     let mut empty_key = reading(6, 1);
     empty_key["device_id"] = json!("");
-    let lines = [reading(3, 1), no_key, reading(4, 1), empty_key];
+    let mut empty_field_name = reading(7, 1);
+    empty_field_name[""] = json!(5);
+    let lines = [
+        reading(3, 1),
+        no_key,
+        reading(4, 1),
+        empty_key,
+        empty_field_name,
+    ];
     write_lines(&dir.path().join("in.jsonl"), &lines);
     let toml = pipeline(
         &format!("http://{MOTO}"),
@@ -341,8 +349,8 @@ async fn records_without_the_key_tag_are_dead_lettered_and_the_rest_delivered() 
     );
     let metrics = run(&toml).await;
     let dead = read_json_lines(&dir.path().join("dead.jsonl"));
-    assert_eq!(dead.len(), 2, "{dead:?}");
-    for d in &dead {
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    for d in &dead[..2] {
         let error = d["error"].as_str().expect("reason");
         assert!(
             error.contains("`device_id`") && error.contains("dynamodb"),
@@ -350,12 +358,15 @@ async fn records_without_the_key_tag_are_dead_lettered_and_the_rest_delivered() 
         );
         assert_eq!(d["fields"]["seq"], 1);
     }
+    assert_eq!(dead[2]["tags"]["device_id"], "dev-007");
+    let error = dead[2]["error"].as_str().expect("reason");
+    assert!(error.contains("empty name"), "{error}");
     let stored = scan_all(&table).await;
     assert_eq!(stored.keys().collect::<Vec<_>>(), ["dev-003", "dev-004"]);
     assert_eq!(stored["dev-003"], expected_item(&lines[0]));
     assert_eq!(stored["dev-004"], expected_item(&lines[2]));
     let snap = metrics.component("state", Kind::Sink).snapshot();
-    assert_eq!((snap.records_out, snap.errors), (2, 2));
+    assert_eq!((snap.records_out, snap.errors), (2, 3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,4 +465,53 @@ async fn throttling_and_5xx_are_retried_and_a_validation_error_dead_letters_one_
     assert_eq!(counter(&metrics, "retries"), 3);
     let snap = metrics.component("state", Kind::Sink).snapshot();
     assert_eq!((snap.records_out, snap.errors), (2, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_used_up_leave_records_errored_and_a_vanished_table_stops_the_sink() {
+    aws_env();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines = [reading(1, 1), reading(2, 1), reading(1, 2)];
+    write_lines(&dir.path().join("in.jsonl"), &lines);
+
+    // Always 503: after max_retries every record is Errored (the source would redelivers),
+    // nothing is dead-lettered, and the pipeline keeps running to the end of its input.
+    let server = start(|req| match target(req) {
+        "DescribeTable" => ok(json!({"Table": {"TableName": "t", "TableStatus": "ACTIVE"}})),
+        _ => aws_error(503, "ServiceUnavailable"),
+    })
+    .await;
+    let toml =
+        pipeline(&server.url(), "t", dir.path(), "").replace("max_retries = 6", "max_retries = 2");
+    let metrics = run(&toml).await;
+    let updates = server
+        .requests()
+        .iter()
+        .filter(|r| target(r) == "UpdateItem")
+        .count();
+    assert_eq!(
+        updates,
+        2 * 3,
+        "dev-001 coalesced to one key: 2 keys × 3 attempts"
+    );
+    let snap = metrics.component("state", Kind::Sink).snapshot();
+    assert_eq!((snap.records_out, snap.errors), (0, 3));
+    assert!(read_json_lines(&dir.path().join("dead.jsonl")).is_empty());
+
+    // The table disappears while running: the sink stops with an error naming the table.
+    let server = start(|req| match target(req) {
+        "DescribeTable" => ok(json!({"Table": {"TableName": "t", "TableStatus": "ACTIVE"}})),
+        _ => aws_error(400, "ResourceNotFoundException"),
+    })
+    .await;
+    let toml = pipeline(&server.url(), "t", dir.path(), "");
+    let config = sluice_core::config::parse_str(&toml, Path::new("test.toml")).expect("parses");
+    let err = sluice_core::topology::run(config, &registry(), &Metrics::new(), None)
+        .await
+        .expect_err("the sink stops")
+        .to_string();
+    assert!(
+        err.contains("table `t`") && err.contains("is gone"),
+        "{err}"
+    );
 }
