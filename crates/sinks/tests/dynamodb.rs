@@ -474,7 +474,7 @@ async fn retries_used_up_leave_records_errored_and_a_vanished_table_stops_the_si
     let lines = [reading(1, 1), reading(2, 1), reading(1, 2)];
     write_lines(&dir.path().join("in.jsonl"), &lines);
 
-    // Always 503: after max_retries every record is Errored (the source would redelivers),
+    // Always 503: after max_retries every record is Errored (the source would redeliver them),
     // nothing is dead-lettered, and the pipeline keeps running to the end of its input.
     let server = start(|req| match target(req) {
         "DescribeTable" => ok(json!({"Table": {"TableName": "t", "TableStatus": "ACTIVE"}})),
