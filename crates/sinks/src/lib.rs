@@ -2,6 +2,7 @@
 
 pub mod blackhole;
 pub mod console;
+pub mod dynamodb;
 pub mod encoding;
 pub mod file;
 pub mod influxdb;
@@ -25,6 +26,7 @@ pub fn register(registry: &mut Registry) {
         .sink::<parquet::ParquetSinkConfig>("parquet")
         .sink::<influxdb::InfluxDbConfig>("influxdb")
         .sink::<timestream::TimestreamConfig>("timestream")
+        .sink::<dynamodb::DynamoDbConfig>("dynamodb")
         .sink::<mqtt::MqttSinkConfig>("mqtt")
         .sink::<kafka::KafkaSinkConfig>("kafka");
 }
