@@ -58,7 +58,7 @@ use smallvec::SmallVec;
 use self::config::ns;
 pub use self::config::{AggFn, AggregateConfig, WatermarkMode, WhenFull};
 use self::pending::Pending;
-use self::progress::Progress;
+use self::progress::{Progress, Saved};
 use self::window::{gap_of, new_window, FieldSpec, Window, Windows};
 use crate::event_time::FutureSkew;
 use crate::group::{GroupBy, GroupKey};
@@ -140,8 +140,10 @@ pub struct Aggregator {
     closing: Vec<(GroupKey, Window)>,
     /// Emitted rollups awaiting their outcome.
     pending: Pending,
-    /// `global` with a state dir: the saved delivered-through watermark ([`progress`]).
+    /// With a state dir: the saved delivered-through watermark(s) ([`progress`]).
     progress: Option<Progress>,
+    /// `per_group`: a group's watermark moved since the last save.
+    groups_moved: bool,
     /// The input ended for good and every window was flushed.
     flushed: bool,
     stats: Stats,
@@ -229,16 +231,36 @@ impl Aggregator {
                 "must be at least 1",
             ));
         }
-        let (progress, restored) = match (&cx.state_dir, config.watermark) {
-            (Some(dir), WatermarkMode::Global) => {
+        let (progress, restored) = match &cx.state_dir {
+            Some(dir) => {
                 let (p, restored) = Progress::open(dir.clone(), &cx.name);
                 (Some(p), restored)
             }
-            _ => (None, None),
+            None => (None, None),
         };
-        if let Some(w) = restored {
-            tracing::info!(transform = %cx.name, watermark_ns = w, "aggregate: resuming after windows delivered before the restart");
-        }
+        let mut groups = LruCache::unbounded();
+        let restored = match (restored, config.watermark) {
+            (Some(Saved::Global(w)), WatermarkMode::Global) => {
+                tracing::info!(transform = %cx.name, watermark_ns = w, "aggregate: resuming after windows delivered before the restart");
+                Some(w)
+            }
+            (Some(Saved::Groups(saved)), WatermarkMode::PerGroup) => {
+                tracing::info!(transform = %cx.name, groups = saved.len(), "aggregate: resuming each group after its windows delivered before the restart");
+                for (key, watermark) in saved.into_iter().take(config.max_groups) {
+                    let group = Group {
+                        watermark,
+                        ..Group::default()
+                    };
+                    groups.put(key, group);
+                }
+                None
+            }
+            (Some(_), _) => {
+                tracing::warn!(transform = %cx.name, "aggregate: the saved watermark is of the other `watermark` mode; starting afresh");
+                None
+            }
+            (None, _) => None,
+        };
         Ok(Aggregator {
             name: cx.name.clone(),
             windows,
@@ -250,7 +272,7 @@ impl Aggregator {
             when_full: config.when_full,
             watermark_mode: config.watermark,
             skew: FutureSkew::new(config.max_future_skew),
-            groups: LruCache::unbounded(),
+            groups,
             max_event: i64::MIN,
             watermark: restored.unwrap_or(i64::MIN),
             next_close: i64::MAX,
@@ -259,6 +281,7 @@ impl Aggregator {
             closing: Vec::new(),
             pending: Pending::new(config.max_pending_rollups),
             progress,
+            groups_moved: false,
             flushed: false,
             stats: Stats::default(),
             names: OutputNames {
@@ -275,6 +298,50 @@ impl Aggregator {
         match self.pending.min_end(&self.names.window_end) {
             Some(end) => self.watermark.min(end - 1),
             None => self.watermark,
+        }
+    }
+
+    /// `per_group`: [`Self::delivered_through`] of every group the stage knows.
+    fn delivered_through_per_group(&self) -> Vec<(GroupKey, i64)> {
+        let mut unsettled: std::collections::HashMap<GroupKey, i64> =
+            std::collections::HashMap::new();
+        for (rollup, end) in self.pending.ends(&self.names.window_end) {
+            if let Ok(key) = self.group_by.key(rollup) {
+                let min = unsettled.entry(key).or_insert(end);
+                *min = (*min).min(end);
+            }
+        }
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.watermark != i64::MIN)
+            .map(|(key, g)| {
+                let through = unsettled
+                    .get(key)
+                    .map_or(g.watermark, |end| g.watermark.min(end - 1));
+                (key.clone(), through)
+            })
+            .collect()
+    }
+
+    /// Saves the delivered-through watermark(s), throttled unless `force`.
+    fn save_progress(&mut self, now: i64, force: bool) {
+        if self.progress.is_none() {
+            return;
+        }
+        match self.watermark_mode {
+            WatermarkMode::Global => {
+                let through = self.delivered_through();
+                if let Some(p) = &mut self.progress {
+                    p.save(through, now, force);
+                }
+            }
+            WatermarkMode::PerGroup => {
+                let groups = self.delivered_through_per_group();
+                let moved = std::mem::take(&mut self.groups_moved);
+                if let Some(p) = &mut self.progress {
+                    p.save_groups(&groups, now, moved, force);
+                }
+            }
         }
     }
 
@@ -499,6 +566,7 @@ impl Aggregator {
             }
         }
         if let Some(key) = closing_key {
+            self.groups_moved = true;
             group.max_event = group.max_event.max(t);
             group.watermark = group
                 .watermark
@@ -574,6 +642,7 @@ impl Aggregator {
     fn advance_idle_per_group(&mut self, now: i64, out: &mut TransformOutput) {
         let (idle_timeout, lateness) = (self.idle_timeout, self.lateness);
         let mut closed = Vec::new();
+        let mut moved = false;
         for (key, group) in self.groups.iter_mut() {
             if group.input_since_tick || group.last_input_wall.is_none() {
                 group.input_since_tick = false;
@@ -593,7 +662,9 @@ impl Aggregator {
                     .saturating_sub(lateness),
             );
             close_group(key, group, &mut closed);
+            moved = true;
         }
+        self.groups_moved |= moved;
         self.emit_sorted(closed, false, out);
     }
 
@@ -668,26 +739,24 @@ impl Transform for Aggregator {
     }
 
     fn on_tick(&mut self, now: i64, out: &mut TransformOutput) {
+        let unsettled = self.pending.len();
         self.pending.poll(now, out);
+        // Rollups settled since the last tick move the saved position too.
+        self.groups_moved |= self.pending.len() != unsettled;
         match self.watermark_mode {
             WatermarkMode::Global => self.advance_idle_global(now, out),
             WatermarkMode::PerGroup => self.advance_idle_per_group(now, out),
         }
-        let through = self.delivered_through();
-        if let Some(p) = &mut self.progress {
-            p.save(through, now, false);
-        }
+        self.save_progress(now, false);
     }
 
     fn save_state(&mut self) {
-        let through = self.delivered_through();
-        let flushed = self.flushed;
-        if let Some(p) = &mut self.progress {
-            if flushed {
+        if self.flushed {
+            if let Some(p) = &mut self.progress {
                 p.clear();
-            } else {
-                p.save(through, now_ns(), true);
             }
+        } else {
+            self.save_progress(now_ns(), true);
         }
     }
 

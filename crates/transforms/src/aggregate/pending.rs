@@ -67,6 +67,19 @@ impl Pending {
             .min()
     }
 
+    /// Each unsettled rollup with its `window_end` (field `end_name`).
+    pub(super) fn ends<'a>(
+        &'a self,
+        end_name: &'a str,
+    ) -> impl Iterator<Item = (&'a Record, i64)> + 'a {
+        self.entries
+            .iter()
+            .filter_map(move |e| match e.rollup.field(end_name) {
+                Some(sluice_core::Value::I64(end)) => Some((&e.rollup, *end)),
+                _ => None,
+            })
+    }
+
     /// Emits `rollup`, which stands for `inputs`, and keeps both until its outcome is known.
     pub(super) fn emit(&mut self, rollup: Record, inputs: Finalizers, out: &mut TransformOutput) {
         if inputs.is_empty() {

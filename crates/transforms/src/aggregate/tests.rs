@@ -737,3 +737,63 @@ fn windows_delivered_before_a_restart_stay_closed_after_it() {
     b.save_state();
     assert!(!dir.path().join("aggregate.json").exists());
 }
+
+/// The same with `watermark = "per_group"`: each group's delivered-through time is saved, so
+/// after a restart a replayed record of a window d1 already delivered leaves on `late`, while
+/// d2 (whose window was never closed) still aggregates its own replay.
+#[test]
+fn per_group_windows_delivered_before_a_restart_stay_closed_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cx_saved = BuildContext {
+        state_dir: Some(dir.path().to_path_buf()),
+        ..cx()
+    };
+    let per_group = || config(|c| c.watermark = WatermarkMode::PerGroup);
+    let mut a = Aggregator::new(&per_group(), &cx_saved).expect("valid config");
+    let (f, _status) = ack::batch();
+    let with_finalizer = |mut r: Record| {
+        r.finalizers = Finalizers::one(f.clone());
+        r
+    };
+    let records = vec![
+        with_finalizer(temp(1.0, "d1", 1.0)),
+        with_finalizer(temp(75.0, "d1", 2.0)),
+        with_finalizer(temp(3.0, "d2", 4.0)),
+    ];
+    f.finish(BatchStatus::Delivered);
+    let mut out = run(&mut a, records);
+    let mut rolled = take(&mut out, "default");
+    assert_eq!(
+        rolled.len(),
+        1,
+        "d1's window [0, 60 s) closed, d2's is open"
+    );
+    rolled[0].finalize(BatchStatus::Delivered);
+    a.on_tick(now_ns(), &mut TransformOutput::default());
+    a.save_state(); // a shutdown that left the open windows to be replayed (no flush)
+    drop(a);
+
+    let mut b = Aggregator::new(&per_group(), &cx_saved).expect("valid config");
+    let mut out = run(
+        &mut b,
+        vec![
+            temp(2.0, "d1", 5.0),
+            temp(70.0, "d1", 3.0),
+            temp(3.0, "d2", 4.0),
+        ],
+    );
+    let late = take(&mut out, "late");
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(late[0].tag("device_id"), Some("d1"));
+    // Without the saved watermarks the d1 record would have reopened [0, 60 s).
+    let mut fresh = agg(|c| c.watermark = WatermarkMode::PerGroup);
+    let mut out = run(
+        &mut fresh,
+        vec![temp(2.0, "d1", 5.0), temp(70.0, "d1", 3.0)],
+    );
+    assert!(take(&mut out, "late").is_empty());
+    let mut out = TransformOutput::default();
+    b.flush(&mut out);
+    b.save_state();
+    assert!(!dir.path().join("aggregate.json").exists());
+}
