@@ -25,6 +25,8 @@ struct Probe {
     produced: AtomicU64,
     statuses: Mutex<Vec<(i64, BatchStatus)>>,
     gate: Option<Arc<Semaphore>>,
+    /// (sink, record time, record error) of every record a sink delivered.
+    received: Mutex<Vec<(String, i64, Option<String>)>>,
 }
 
 static PROBE: Mutex<Option<Arc<Probe>>> = Mutex::new(None);
@@ -44,11 +46,15 @@ fn probe() -> Arc<Probe> {
 struct CountingSource {
     batches: i64,
     size: usize,
+    /// Keep running after the last batch until the pipeline is shut down.
+    #[serde(default)]
+    hold_open: bool,
 }
 
 struct CountingRun {
     batches: i64,
     size: usize,
+    hold_open: bool,
 }
 
 #[async_trait]
@@ -57,6 +63,7 @@ impl SourceConfig for CountingSource {
         Ok(Box::new(CountingRun {
             batches: self.batches,
             size: self.size,
+            hold_open: self.hold_open,
         }))
     }
 }
@@ -86,6 +93,9 @@ impl Source for CountingRun {
             cx.out.send(Batch::new(records)).await?;
             probe.produced.fetch_add(self.size as u64, Ordering::SeqCst);
             pending.push((b, status));
+        }
+        if self.hold_open {
+            cx.shutdown.cancelled().await;
         }
         drop(cx.out); // let downstream drain, then collect the acknowledgements
         for (b, status) in pending {
@@ -124,8 +134,9 @@ impl SinkConfig for TestSink {
 
 #[async_trait]
 impl Sink for TestSinkRun {
-    async fn run(self: Box<Self>, mut input: SinkInput, _cx: SinkContext) -> Result<(), BoxError> {
-        let gate = probe().gate.clone();
+    async fn run(self: Box<Self>, mut input: SinkInput, cx: SinkContext) -> Result<(), BoxError> {
+        let probe = probe();
+        let gate = probe.gate.clone();
         while let Some(batch) = input.recv().await {
             if let (true, Some(g)) = (self.gated, &gate) {
                 g.acquire().await?.forget();
@@ -134,6 +145,9 @@ impl Sink for TestSinkRun {
                 let status = if self.fail.contains(&r.time) {
                     BatchStatus::Errored
                 } else {
+                    let error = r.meta.error.as_deref().map(str::to_string);
+                    let mut received = probe.received.lock().expect("lock");
+                    received.push((cx.name.clone(), r.time, error));
                     BatchStatus::Delivered
                 };
                 r.finalize(status);
@@ -155,6 +169,7 @@ fn registry() -> Registry {
 async fn backpressure_and_fan_out_acknowledgements() {
     blocked_sink_stops_the_source().await;
     fan_out_acks_after_every_sink().await;
+    a_disk_buffer_dead_letters_a_poison_record().await;
 }
 
 async fn blocked_sink_stops_the_source() {
@@ -237,4 +252,70 @@ fail = [4, 7]
         .collect();
     assert_eq!(statuses.len(), 10, "each batch resolves exactly once");
     assert_eq!(errored, vec![4, 7], "one sink erroring blocks the ack");
+}
+
+/// A sink behind a disk buffer fails every record of batch 7, always. The buffer finds them
+/// (splitting the read batches that hold them) and, after `max_replays` failures, sends them to
+/// the sink's `dead_letter` output (wired by the topology); everything else is delivered and
+/// the pipeline finishes instead of replaying batch 7 forever.
+async fn a_disk_buffer_dead_letters_a_poison_record() {
+    *PROBE.lock().expect("lock") = Some(Arc::new(Probe::default()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        r#"
+[pipeline]
+data_dir = "{}"
+
+[sources.src]
+type = "counting"
+batches = 30
+size = 3
+hold_open = true
+
+[sinks.store]
+type = "test"
+inputs = ["src"]
+fail = [7]
+buffer = {{ type = "disk", max_replays = 2 }}
+
+[sinks.dead]
+type = "test"
+inputs = ["store.dead_letter"]
+"#,
+        dir.path().display()
+    );
+    let config = parse_str(&text, std::path::Path::new("poison.toml")).expect("config");
+    let plan = topology::plan(config, &registry()).expect("plan");
+    let running = plan.start(&Metrics::new()).await.expect("starts");
+    let dead_letters = || {
+        let received = probe().received.lock().expect("lock").clone();
+        received.iter().filter(|(sink, ..)| sink == "dead").count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while dead_letters() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "batch 7 was not dead-lettered within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.shutdown_token().cancel();
+    running.wait().await.expect("pipeline ok");
+    let received = probe().received.lock().expect("lock").clone();
+    let stored: std::collections::BTreeSet<i64> = received
+        .iter()
+        .filter(|(sink, ..)| sink == "store")
+        .map(|(_, t, _)| *t)
+        .collect();
+    assert_eq!(stored, (0..30).filter(|b| *b != 7).collect());
+    let dead: Vec<_> = received
+        .iter()
+        .filter(|(sink, ..)| sink == "dead")
+        .collect();
+    assert_eq!(dead.len(), 3, "the three records of batch 7: {dead:?}");
+    for (_, t, error) in dead {
+        assert_eq!(*t, 7);
+        let error = error.as_deref().unwrap_or("");
+        assert!(error.contains("max_replays = 2"), "{error}");
+    }
 }

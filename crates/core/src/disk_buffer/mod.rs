@@ -7,10 +7,11 @@
 //! (`fsync = true`, the default) and only then finishes the batches' finalizers. Downstream,
 //! the reader thread reads frames back, gives each read batch a finalizer of its own and
 //! keeps the byte range until that finalizer resolves: Delivered or Rejected releases it,
-//! Errored replays it after a growing delay. An outage (the consumer delivers nothing) is
-//! retried until it ends; a failing batch while other records pass is split in halves until
-//! the failing record is alone, which after `max_replays` more failures goes to the
-//! consumer's `dead_letter` output. Released space is reclaimed a segment at a time.
+//! Errored replays it after a growing delay. A failing batch is replayed in halves, and a half
+//! that fails while its sibling passes is split again until the failing records are alone;
+//! after `max_replays` more failures they go to the consumer's `dead_letter` output. An outage
+//! (every half fails) proves nothing and is retried until it ends. Released space is
+//! reclaimed a segment at a time.
 //!
 //! On restart every unreleased byte range is replayed (at-least-once). The released position is
 //! persisted (a contiguous prefix, written at most every 200 ms), so what is replayed after a
@@ -558,6 +559,9 @@ struct Range {
     part: Option<(u32, u32)>,
     /// The split that made this half (its sibling has the same id); 0: not a half.
     split: u64,
+    /// This range, or one it was split from, failed while its other half was delivered: its
+    /// failures are its records' fault, not an outage's.
+    proven: bool,
     /// Replays so far (sets the backoff).
     attempts: u32,
     /// Failures counted against `max_replays`: while alone (`part` of one record) and while
@@ -731,10 +735,11 @@ impl ReaderTask {
         any
     }
 
-    /// Schedules the replay of a failed range of `n` records. With evidence that the consumer
-    /// works for other records, a batch is split in halves (to find the record that fails) and
-    /// a lone record gets a strike; after `max_replays` strikes it goes to `dead_letter`.
-    /// Without it (an outage: everything fails) the range is retried as is, without limit.
+    /// Schedules the replay of a failed range of `n` records. A batch is split in halves (to
+    /// find the record that fails) and, with evidence that the consumer works for other
+    /// records, a lone record gets a strike; after `max_replays` strikes it goes to
+    /// `dead_letter`. Without evidence (an outage: everything fails) a half or a lone record is
+    /// retried as is, without limit.
     fn schedule_replay(&mut self, mut range: Range, n: u32, evidence: Evidence) {
         let now = Instant::now();
         let backoff = |attempts: u32| {
@@ -743,9 +748,12 @@ impl ReaderTask {
                 .min(Duration::from_secs(30))
         };
         if self.max_replays > 0 && !range.dead {
-            // Splitting costs nothing but smaller batches: any sign of a working consumer will do.
-            if n > 1 && (evidence.delivered_since || evidence.last_ok || evidence.sibling_delivered)
-            {
+            // Splitting costs nothing but smaller batches, so a whole read batch is split at its
+            // first failure (its halves are the evidence: one passing, one failing); a half is
+            // split again on any sign of a working consumer.
+            let proven = range.proven || evidence.sibling_delivered;
+            let any_sign = proven || evidence.delivered_since || evidence.last_ok;
+            if n > 1 && (range.part.is_none() || any_sign) {
                 let (lo, hi) = range.part.unwrap_or((0, n));
                 let mid = lo + (hi - lo) / 2;
                 self.next_split += 1;
@@ -753,6 +761,7 @@ impl ReaderTask {
                 let half = |part| Range {
                     part: Some(part),
                     split,
+                    proven,
                     attempts: 0,
                     strikes: 0,
                     ..range
@@ -766,8 +775,8 @@ impl ReaderTask {
                 return;
             }
             // A strike needs stronger evidence: records delivered since this one was handed
-            // out, or its other half delivered.
-            if n == 1 && (evidence.delivered_since || evidence.sibling_delivered) {
+            // out, or a half it comes from failing while the other half passed.
+            if n == 1 && (proven || evidence.delivered_since) {
                 range.strikes += 1;
                 if range.strikes >= self.max_replays {
                     range.dead = true;
@@ -1023,6 +1032,7 @@ impl ReaderTask {
             written_at,
             part: None,
             split: 0,
+            proven: false,
             attempts: 0,
             strikes: 0,
             dead: false,

@@ -74,15 +74,19 @@ async fn acknowledges_upstream_once_appended_and_replays_errored() {
     );
     let mut got = recv(&mut input).await;
     assert_eq!(times(&got), [0, 1, 2]);
-    // The consumer fails: the same records come again.
+    // The consumer fails: the same records come again (in two halves: had one record been
+    // poison, the other half would pass).
     got.finalize(BatchStatus::Errored);
-    let mut again = recv(&mut input).await;
-    assert_eq!(times(&again), [0, 1, 2]);
+    let mut first_half = recv(&mut input).await;
+    let mut second_half = recv(&mut input).await;
+    assert_eq!(times(&first_half), [0]);
+    assert_eq!(times(&second_half), [1, 2]);
     assert_eq!(
         m.gauge("disk_buffer_replays_total").load(Ordering::Relaxed),
-        1
+        2
     );
-    again.finalize(BatchStatus::Delivered);
+    first_half.finalize(BatchStatus::Delivered);
+    second_half.finalize(BatchStatus::Delivered);
     let released = |d: &Path| read_released(d);
     eventually("the released position to be saved", || {
         released(dir.path()) > 0
@@ -367,16 +371,25 @@ async fn an_outage_is_replayed_without_limit_and_dead_letters_nothing() {
     let (b, status) = batch(0, 4);
     out.send(b).await.expect("send");
     assert_eq!(status.await, BatchStatus::Delivered);
-    // The consumer fails everything (its server is down) for 5 rounds, more than max_replays.
-    for _ in 0..5 {
-        let mut b = recv(&mut input).await;
-        assert_eq!(times(&b), [0, 1, 2, 3], "retried whole, not split");
-        b.finalize(BatchStatus::Errored);
-    }
-    // The server is back.
+    // The consumer fails everything (its server is down) for 5 rounds, more than max_replays:
+    // the batch is split once (its halves would show a poison record), then the halves are
+    // retried as they are.
     let mut b = recv(&mut input).await;
     assert_eq!(times(&b), [0, 1, 2, 3]);
-    b.finalize(BatchStatus::Delivered);
+    b.finalize(BatchStatus::Errored);
+    for _ in 0..5 {
+        for half in [[0, 1], [2, 3]] {
+            let mut b = recv(&mut input).await;
+            assert_eq!(times(&b), half, "halves, not split further");
+            b.finalize(BatchStatus::Errored);
+        }
+    }
+    // The server is back.
+    for half in [[0, 1], [2, 3]] {
+        let mut b = recv(&mut input).await;
+        assert_eq!(times(&b), half);
+        b.finalize(BatchStatus::Delivered);
+    }
     eventually("everything to be released", || {
         m.gauge("disk_buffer_records").load(Ordering::Relaxed) == 0
     })
