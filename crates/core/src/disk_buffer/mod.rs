@@ -24,9 +24,9 @@
 //! is counted (`disk_buffer_corrupt_total`), logged and skipped, never a panic or a stop.
 //!
 //! Memory does not grow with the backlog: the reader reads at most `max_batches` batches
-//! ahead of the consumer, and keeps 40 bytes per read batch still in flight downstream (a read
-//! batch holds up to 1,024 records; at most ~40 MB per million in-flight batches in the worst
-//! case of one record per batch, ~40 KB per million records at full batches).
+//! ahead of the consumer, and keeps at most 80 bytes per read batch still in flight downstream (a read
+//! batch holds up to 1,024 records; at most ~80 MB per million in-flight batches in the worst
+//! case of one record per batch, ~80 KB per million records at full batches).
 //!
 //! Disk use is bounded by `max_size` for unreleased data, plus at most one segment
 //! (`max_size / 8`, between 1 MiB and 128 MiB) that is being reclaimed. When full, the writer

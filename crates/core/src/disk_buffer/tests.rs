@@ -507,3 +507,13 @@ async fn a_full_file_system_blocks_upstream_and_loses_nothing() {
         0
     );
 }
+
+#[test]
+fn a_slot_costs_at_most_80_bytes() {
+    // The figure the module docs and the README give per read batch in flight.
+    assert!(
+        std::mem::size_of::<Slot>() <= 80,
+        "{}",
+        std::mem::size_of::<Slot>()
+    );
+}
