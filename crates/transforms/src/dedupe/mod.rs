@@ -97,22 +97,39 @@ impl TransformConfig for DedupeConfig {
     }
 }
 
+/// A key as remembered: the XXH3-128 hash of its text. 16 bytes instead of the string; two
+/// different keys collide with probability ~2⁻¹²⁸ per pair (a billion keys in the window:
+/// ~10⁻²¹), and the hash is stable across builds, so snapshots survive upgrades.
+pub(crate) type KeyHash = u128;
+
+/// The hash of a key's text.
+pub(crate) fn key_hash(key: &str) -> KeyHash {
+    twox_hash::XxHash3_128::oneshot(key.as_bytes())
+}
+
 /// The first copy of a key.
 #[derive(Debug)]
 struct First {
     /// Its event time.
     time: i64,
     generation: u64,
-    /// Its outcome across every sink it reached; `None` for a key restored from a snapshot
-    /// (only settled keys are written there).
-    outcome: Option<Watch>,
+    /// Its outcome across every sink it reached.
+    outcome: Outcome,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    /// Watched while in flight (duplicates follow it).
+    Pending(Watch),
+    /// Known: the watch is let go (a key restored from a snapshot is Delivered).
+    Settled(BatchStatus),
 }
 
 impl First {
     fn status(&self) -> Option<BatchStatus> {
         match &self.outcome {
-            Some(w) => w.status(),
-            None => Some(BatchStatus::Delivered),
+            Outcome::Pending(w) => w.status(),
+            Outcome::Settled(s) => Some(*s),
         }
     }
 }
@@ -131,10 +148,12 @@ pub struct Dedupe {
     window: i64,
     max_entries: usize,
     skew: FutureSkew,
-    /// Key → its first copy.
-    seen: HashMap<Box<str>, First>,
+    /// Key (its 128-bit hash, [`KeyHash`]) → its first copy.
+    seen: HashMap<KeyHash, First>,
     /// Keys in insertion order with their entry's generation, for expiry.
-    order: VecDeque<(i64, u64, Box<str>)>,
+    order: VecDeque<(i64, u64, KeyHash)>,
+    /// `order[..settled]` have no outcome still pending ([`Dedupe::settle`]).
+    settled: usize,
     /// Generation of the next entry: tells a key's current entry from one it replaced (an
     /// errored first copy replaced by its redelivery may have the same event time).
     next_gen: u64,
@@ -179,6 +198,7 @@ impl Dedupe {
             skew: FutureSkew::new(config.max_future_skew),
             seen: HashMap::new(),
             order: VecDeque::new(),
+            settled: 0,
             next_gen: 0,
             newest: i64::MIN,
             duplicates: 0,
@@ -224,19 +244,19 @@ impl Dedupe {
         // The newest `max_entries`, as `expire` would keep them.
         let skip = live.len().saturating_sub(self.max_entries);
         for (time, key) in live.into_iter().skip(skip) {
-            let key = key.into_boxed_str();
             let generation = self.next_gen;
             self.next_gen += 1;
             self.seen.insert(
-                key.clone(),
+                key,
                 First {
                     time,
                     generation,
-                    outcome: None,
+                    outcome: Outcome::Settled(BatchStatus::Delivered),
                 },
             );
             self.order.push_back((time, generation, key));
         }
+        self.settled = self.order.len();
         self.newest = restored.newest;
         self.last_snapshot = Some((self.next_gen, false));
         tracing::info!(
@@ -257,7 +277,7 @@ impl Dedupe {
                 continue; // replaced by a later copy, which has its own entry
             };
             match first.status() {
-                Some(s) if s.is_ackable() && *time >= horizon => entries.push((*time, &**key)),
+                Some(s) if s.is_ackable() && *time >= horizon => entries.push((*time, *key)),
                 None => pending = true,
                 Some(_) => {}
             }
@@ -271,7 +291,7 @@ impl Dedupe {
         self.last_snapshot == Some((self.next_gen, false))
     }
 
-    fn key(&self, r: &Record) -> Result<Box<str>, String> {
+    fn key(&self, r: &Record) -> Result<KeyHash, String> {
         use std::fmt::Write;
         let mut key = String::new();
         for part in &self.parts {
@@ -294,7 +314,7 @@ impl Dedupe {
                 }
             }
         }
-        Ok(key.into_boxed_str())
+        Ok(key_hash(&key))
     }
 
     fn expire(&mut self) {
@@ -304,6 +324,7 @@ impl Dedupe {
                 break;
             }
             if let Some((_, generation, k)) = self.order.pop_front() {
+                self.settled = self.settled.saturating_sub(1);
                 // Only forget the key if this queue entry is the one that set it. A forgotten
                 // first copy still passes its outcome to the duplicates that follow it.
                 if self.seen.get(&k).map(|f| f.generation) == Some(generation) {
@@ -314,20 +335,38 @@ impl Dedupe {
     }
 
     /// Remembers `r` as the first copy of `key` and watches its outcome.
-    fn remember(&mut self, key: Box<str>, r: &mut Record) {
+    fn remember(&mut self, key: KeyHash, r: &mut Record) {
         let (finalizer, outcome) = ack::watched();
         r.finalizers.push(finalizer);
         let generation = self.next_gen;
         self.next_gen += 1;
         self.seen.insert(
-            key.clone(),
+            key,
             First {
                 time: r.time,
                 generation,
-                outcome: Some(outcome),
+                outcome: Outcome::Pending(outcome),
             },
         );
         self.order.push_back((r.time, generation, key));
+    }
+
+    /// Lets go of the watches of first copies whose outcome is known, oldest first, up to the
+    /// first one still in flight: a settled key then costs its hash, times and status only.
+    fn settle(&mut self) {
+        while let Some(&(_, generation, key)) = self.order.get(self.settled) {
+            if let Some(first) = self
+                .seen
+                .get_mut(&key)
+                .filter(|f| f.generation == generation)
+            {
+                match first.status() {
+                    Some(status) => first.outcome = Outcome::Settled(status),
+                    None => break,
+                }
+            }
+            self.settled += 1;
+        }
     }
 }
 
@@ -356,7 +395,7 @@ impl Transform for Dedupe {
                 .map(|f| (f.status(), &f.outcome));
             match first {
                 // Pending: the duplicate is acknowledged only as far as the first copy is.
-                Some((None, Some(outcome))) => {
+                Some((None, Outcome::Pending(outcome))) => {
                     self.duplicates += 1;
                     outcome.follow(std::mem::take(&mut r.finalizers));
                 }
@@ -372,6 +411,7 @@ impl Transform for Dedupe {
             }
         }
         self.expire();
+        self.settle();
     }
 
     fn tick_interval(&self) -> Option<Duration> {

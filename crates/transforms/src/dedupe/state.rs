@@ -5,7 +5,8 @@
 //! One JSON file, `dedupe-keys.json`, replaced atomically (temp file, fsync, rename, directory
 //! fsync): a crash leaves the old snapshot or the new one, never half of one. It names its
 //! format, version and the `key` definition it was taken with; a snapshot this build cannot
-//! use is ignored with a WARN and dedupe starts empty.
+//! use is ignored with a WARN and dedupe starts empty. Version 2 holds each key's 128-bit hash
+//! (32 hex digits); a version 1 snapshot (the key texts) is read and hashed.
 
 use std::fs;
 use std::io::{self, Write};
@@ -14,10 +15,14 @@ use std::path::{Path, PathBuf};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
+use super::{key_hash, KeyHash};
+
 /// The snapshot's file name in the component's state directory.
 pub(super) const FILE: &str = "dedupe-keys.json";
 const FORMAT: &str = "sluice-dedupe-keys";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// The version with key texts instead of hashes, still read.
+const VERSION_TEXT: u32 = 1;
 
 /// What a snapshot is written from: the settled keys in insertion order.
 #[derive(Serialize)]
@@ -27,8 +32,23 @@ struct SnapshotRef<'a> {
     key: &'a [String],
     /// Newest event time seen (ns), "now" for the window.
     newest: i64,
-    /// `(event time of the first copy, key)`.
-    entries: &'a [(i64, &'a str)],
+    /// `(event time of the first copy, key hash as 32 hex digits)`.
+    entries: HexEntries<'a>,
+}
+
+/// Entries serialized with their hashes as hex, without a copy of the list.
+struct HexEntries<'a>(&'a [(i64, KeyHash)]);
+
+impl Serialize for HexEntries<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Hex(KeyHash);
+        impl Serialize for Hex {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(&format_args!("{:032x}", self.0))
+            }
+        }
+        serializer.collect_seq(self.0.iter().map(|(t, h)| (*t, Hex(*h))))
+    }
 }
 
 /// Read first, so that a snapshot of another format or version is reported as such rather
@@ -52,7 +72,7 @@ struct Snapshot {
 #[derive(Debug)]
 pub(super) struct Restored {
     pub newest: i64,
-    pub entries: Vec<(i64, String)>,
+    pub entries: Vec<(i64, KeyHash)>,
 }
 
 /// Why a snapshot was not used. Its message names the file.
@@ -83,13 +103,13 @@ pub(super) enum LoadError {
 }
 
 /// Serializes a snapshot.
-pub(super) fn encode(key: &[String], newest: i64, entries: &[(i64, &str)]) -> Vec<u8> {
+pub(super) fn encode(key: &[String], newest: i64, entries: &[(i64, KeyHash)]) -> Vec<u8> {
     let snapshot = SnapshotRef {
         format: FORMAT,
         version: VERSION,
         key,
         newest,
-        entries,
+        entries: HexEntries(entries),
     };
     // Strings, integers and a slice: serialization cannot fail.
     serde_json::to_vec(&snapshot).unwrap_or_default()
@@ -108,7 +128,7 @@ pub(super) fn load(dir: &Path, key: &[String]) -> Result<Option<Restored>, LoadE
         message: e.to_string(),
     };
     let header: Header = serde_json::from_slice(&bytes).map_err(corrupt)?;
-    if header.format != FORMAT || header.version != VERSION {
+    if header.format != FORMAT || (header.version != VERSION && header.version != VERSION_TEXT) {
         return Err(LoadError::Version {
             path,
             format: header.format,
@@ -123,9 +143,21 @@ pub(super) fn load(dir: &Path, key: &[String]) -> Result<Option<Restored>, LoadE
         });
     }
     let s: Snapshot = serde_json::from_slice(&bytes).map_err(corrupt)?;
+    let mut entries = Vec::with_capacity(s.entries.len());
+    for (time, key) in s.entries {
+        let hash = if header.version == VERSION_TEXT {
+            key_hash(&key)
+        } else {
+            KeyHash::from_str_radix(&key, 16).map_err(|e| LoadError::Corrupt {
+                path: path.clone(),
+                message: format!("key hash {key:?}: {e}"),
+            })?
+        };
+        entries.push((time, hash));
+    }
     Ok(Some(Restored {
         newest: s.newest,
-        entries: s.entries,
+        entries,
     }))
 }
 
@@ -160,20 +192,26 @@ mod tests {
     #[test]
     fn round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let bytes = encode(&key(), 7, &[(1, "t:a\u{1f}i64:1\u{1f}"), (7, "t:b\u{1f}")]);
+        let (a, b) = (key_hash("t:a\u{1f}i64:1\u{1f}"), key_hash("t:b\u{1f}"));
+        let bytes = encode(&key(), 7, &[(1, a), (7, b), (8, 0)]);
         write(dir.path(), &bytes).expect("written");
         assert!(!dir.path().join(format!("{FILE}.tmp")).exists());
         let r = load(dir.path(), &key())
             .expect("readable")
             .expect("present");
         assert_eq!(r.newest, 7);
-        assert_eq!(
-            r.entries,
-            vec![
-                (1, "t:a\u{1f}i64:1\u{1f}".to_string()),
-                (7, "t:b\u{1f}".into())
-            ]
-        );
+        assert_eq!(r.entries, vec![(1, a), (7, b), (8, 0)]);
+    }
+
+    #[test]
+    fn a_version_1_snapshot_of_key_texts_is_read_and_hashed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let v1 = r#"{"format":"sluice-dedupe-keys","version":1,"key":["tags.device_id","seq"],"newest":7,"entries":[[1,"t:a\u001fi64:1\u001f"]]}"#;
+        fs::write(dir.path().join(FILE), v1).expect("written");
+        let r = load(dir.path(), &key())
+            .expect("readable")
+            .expect("present");
+        assert_eq!(r.entries, vec![(1, key_hash("t:a\u{1f}i64:1\u{1f}"))]);
     }
 
     #[test]
@@ -189,19 +227,20 @@ mod tests {
         assert!(e.contains(&name) && e.contains("[\"seq\"]"), "{e}");
 
         // Another version.
-        let v2 = String::from_utf8(encode(&key(), 0, &[]))
+        let v3 = String::from_utf8(encode(&key(), 0, &[]))
             .expect("utf-8")
-            .replace("\"version\":1", "\"version\":2");
-        fs::write(&path, v2).expect("written");
-        let e = load(dir.path(), &key()).expect_err("version 2").to_string();
-        assert!(e.contains(&name) && e.contains("version 2"), "{e}");
+            .replace("\"version\":2", "\"version\":3");
+        fs::write(&path, v3).expect("written");
+        let e = load(dir.path(), &key()).expect_err("version 3").to_string();
+        assert!(e.contains(&name) && e.contains("version 3"), "{e}");
 
         // Truncated, garbage, wrong entry types.
-        let good = encode(&key(), 0, &[(1, "k")]);
+        let good = encode(&key(), 0, &[(1, 5)]);
         for bad in [
             &good[..good.len() / 2],
             b"\x00\xffnot json".as_slice(),
-            br#"{"format":"sluice-dedupe-keys","version":1,"key":["tags.device_id","seq"],"newest":0,"entries":[["x",1]]}"#,
+            br#"{"format":"sluice-dedupe-keys","version":2,"key":["tags.device_id","seq"],"newest":0,"entries":[["x",1]]}"#,
+            br#"{"format":"sluice-dedupe-keys","version":2,"key":["tags.device_id","seq"],"newest":0,"entries":[[1,"not hex"]]}"#,
         ] {
             fs::write(&path, bad).expect("written");
             let e = load(dir.path(), &key()).expect_err("corrupt").to_string();
