@@ -11,6 +11,11 @@
 //!   twice across crash, graceful stop and replay.
 //!
 //! Needs the shared mosquitto (`scripts/services.sh start`) and its `mosquitto_pub` client.
+//!
+//! The hour-window test is also the load tool for the figures: `SLUICE_LOAD_PER_RUN`
+//! sets the messages per run (default 3,000), and it reports each run's rate and peak RSS
+//! (asserted under 100 MiB); `benches/disk-buffer-load.sh` runs it with 200,000 messages in a
+//! release build.
 
 mod common;
 
@@ -23,8 +28,16 @@ use common::{assert_all_present, require_broker, wait_child, wait_for, written, 
 
 const STOP: Duration = Duration::from_secs(60);
 const SUBSCRIBED: Option<&str> = Some("subscribed");
-/// Messages published in each of the three runs.
-const PER_RUN: u64 = 3_000;
+/// Messages published in each of the three runs (`SLUICE_LOAD_PER_RUN`, default 3,000).
+fn per_run() -> u64 {
+    std::env::var("SLUICE_LOAD_PER_RUN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3_000)
+}
+
+/// Peak RSS allowed for each run (the bound).
+const MAX_RSS_MIB: f64 = 100.0;
 /// Start of the hour every message falls in (2025-11-24T16:00:00Z), in ms.
 const HOUR_MS: i64 = 1_764_000_000_000 / 3_600_000 * 3_600_000;
 
@@ -55,7 +68,16 @@ path = "{raw}"
     )
 }
 
+/// Publishes one JSON message per line, in chunks (`mosquitto_pub -l` is reliable for tens of
+/// thousands of lines per connection, not hundreds of thousands).
 fn publish(topic: &str, lines: &str) {
+    let all: Vec<&str> = lines.lines().collect();
+    for chunk in all.chunks(20_000) {
+        publish_chunk(topic, &(chunk.join("\n") + "\n"));
+    }
+}
+
+fn publish_chunk(topic: &str, lines: &str) {
     let mut publisher = Command::new("mosquitto_pub")
         .args([
             "-h",
@@ -78,7 +100,7 @@ fn publish(topic: &str, lines: &str) {
         .expect("stdin")
         .write_all(lines.as_bytes())
         .expect("feed mosquitto_pub");
-    let status = wait_child(&mut publisher, Duration::from_secs(120), "mosquitto_pub");
+    let status = wait_child(&mut publisher, Duration::from_secs(300), "mosquitto_pub");
     assert!(status.success(), "mosquitto_pub failed");
 }
 
@@ -149,18 +171,44 @@ path = "{hourly}"
     )
     .expect("write pipeline");
 
-    // Run 1: the raw sink gets every message although the window holds them all; then SIGKILL.
+    let per_run = per_run();
+    let patience = Duration::from_secs(120 + per_run / 500);
+    let report = |run: &str, sluice: &Sluice, n: u64, started: Instant| {
+        let rss = sluice.peak_rss_mib();
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "disk buffer load: {run}: {n} messages in the raw sink after {secs:.1} s ({:.0} msg/s), peak RSS {rss:.1} MiB",
+            n as f64 / secs
+        );
+        assert!(rss < MAX_RSS_MIB, "{run}: peak RSS {rss:.1} MiB");
+    };
+
+    // Run 1: the raw sink gets messages although the window holds them all; SIGKILL
+    // mid-stream, with half of them in; the restart gets the rest (the broker kept them).
     let first = Sluice::start(&pipeline, &[], SUBSCRIBED);
-    publish(&topic, &readings(0, PER_RUN));
-    let seen = wait_for(&raw, PER_RUN as usize, Duration::from_secs(120));
-    assert_all_present(PER_RUN, &seen);
+    let started = Instant::now();
+    let publisher = {
+        let (topic, lines) = (topic.clone(), readings(0, per_run));
+        std::thread::spawn(move || publish(&topic, &lines))
+    };
+    let seen = wait_for(&raw, (per_run / 2) as usize, patience);
+    report("run 1 (then kill -9)", &first, seen.len() as u64, started);
     first.kill();
+    let restarted = Sluice::start(&pipeline, &[], SUBSCRIBED);
+    publisher.join().expect("publisher");
+    let seen = wait_for(&raw, per_run as usize, patience);
+    assert_all_present(per_run, &seen);
+    report("run 1 restarted", &restarted, seen.len() as u64, started);
+    let exit = restarted.interrupt(STOP);
+    assert!(exit.success(), "graceful stop after SIGINT: {exit:?}");
 
     // Run 2: more messages, then a graceful stop: the open window must not be flushed.
     let second = Sluice::start(&pipeline, &[], SUBSCRIBED);
-    publish(&topic, &readings(PER_RUN, 2 * PER_RUN));
-    let seen = wait_for(&raw, 2 * PER_RUN as usize, Duration::from_secs(120));
-    assert_all_present(2 * PER_RUN, &seen);
+    let started = Instant::now();
+    publish(&topic, &readings(per_run, 2 * per_run));
+    let seen = wait_for(&raw, 2 * per_run as usize, patience);
+    assert_all_present(2 * per_run, &seen);
+    report("run 2", &second, per_run, started);
     let exit = second.interrupt(STOP);
     assert!(exit.success(), "graceful stop after SIGINT: {exit:?}");
     assert!(
@@ -171,18 +219,20 @@ path = "{hourly}"
 
     // Run 3: the rest, then one reading two hours later (another device) closes the hour.
     let third = Sluice::start(&pipeline, &[], SUBSCRIBED);
-    let total = 3 * PER_RUN;
-    let mut lines = readings(2 * PER_RUN, total);
+    let started = Instant::now();
+    let total = 3 * per_run;
+    let mut lines = readings(2 * per_run, total);
     lines.push_str(&format!(
         "{{\"ts\":{},\"device_id\":\"closer\",\"seq\":-1,\"v\":0}}\n",
         HOUR_MS + 2 * 3_600_000 + 5_000
     ));
     publish(&topic, &lines);
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + patience;
     while rollups(&hourly).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
     let seen = written(&raw);
+    report("run 3", &third, per_run, started);
     let exit = third.interrupt(STOP);
     assert_all_present(total, &seen);
     let got = rollups(&hourly);

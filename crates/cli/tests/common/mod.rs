@@ -64,6 +64,17 @@ impl Sluice {
         sluice
     }
 
+    /// Peak resident memory of the process so far (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0 .0.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+
     /// SIGKILL, and reap the process.
     pub fn kill(self) {
         drop(self);
