@@ -10,6 +10,7 @@ pub mod kafka_testing;
 pub mod line_protocol;
 pub mod mqtt;
 pub mod parquet;
+pub mod postgres;
 pub mod retry;
 pub mod s3;
 pub mod timestream;
@@ -26,5 +27,6 @@ pub fn register(registry: &mut Registry) {
         .sink::<influxdb::InfluxDbConfig>("influxdb")
         .sink::<timestream::TimestreamConfig>("timestream")
         .sink::<mqtt::MqttSinkConfig>("mqtt")
-        .sink::<kafka::KafkaSinkConfig>("kafka");
+        .sink::<kafka::KafkaSinkConfig>("kafka")
+        .sink::<postgres::PostgresConfig>("postgres");
 }
