@@ -93,7 +93,9 @@ pub struct PostgresConfig {
     /// Target table, optionally schema-qualified ("telemetry.iot_messages"). Required.
     pub table: String,
     /// Column mapping: column name -> what to write into it: "time" (event time), "topic"
-    /// (MQTT/Kafka topic), "payload" (the raw message), "tag:NAME", "field:NAME", or a table
+    /// (MQTT/Kafka topic), "payload" (the raw message), "payload:/POINTER" (the value at a JSON
+    /// pointer in the raw payload, as JSON text; e.g. "payload:/payload" for the device's
+    /// message in a bridge envelope; needs `decode.keep_payload`), "tag:NAME", "field:NAME", or a table
     /// `{ value = "tag:NAME", type = "TEXT", not_null = true, default = "now()" }` (`type`,
     /// `not_null` and `default` are used by `create_table`; a column without `value` is only
     /// created, the server fills it). Default: inferred from the existing table: a column
@@ -237,6 +239,8 @@ enum Source {
     Time,
     Topic,
     Payload,
+    /// The value at a JSON pointer in the raw payload ("payload:/payload" in a bridge envelope).
+    PayloadPointer(String),
     Tag(String),
     Field(String),
     /// Inferred mapping: the tag of this name, else the field.
@@ -250,11 +254,14 @@ impl Source {
             "topic" => Source::Topic,
             "payload" => Source::Payload,
             _ => match text.split_once(':') {
+                Some(("payload", pointer)) if pointer.starts_with('/') => {
+                    Source::PayloadPointer(pointer.to_string())
+                }
                 Some(("tag", name)) if !name.is_empty() => Source::Tag(name.to_string()),
                 Some(("field", name)) if !name.is_empty() => Source::Field(name.to_string()),
                 _ => {
                     return Err(format!(
-                        "{text:?} is not a column value: use \"time\", \"topic\", \"payload\", \"tag:NAME\" or \"field:NAME\""
+                        "{text:?} is not a column value: use \"time\", \"topic\", \"payload\", \"payload:/JSON/POINTER\", \"tag:NAME\" or \"field:NAME\""
                     ))
                 }
             },
@@ -266,6 +273,7 @@ impl Source {
             Source::Time => "the time".into(),
             Source::Topic => "a topic".into(),
             Source::Payload => "a payload".into(),
+            Source::PayloadPointer(p) => format!("payload value `{p}`"),
             Source::Tag(n) => format!("tag `{n}`"),
             Source::Field(n) => format!("field `{n}`"),
             Source::TagOrField(n) => format!("tag or field `{n}`"),
@@ -362,6 +370,10 @@ enum Got<'a> {
     Str(&'a str),
     Bytes(&'a [u8]),
     Val(&'a Value),
+    /// JSON text (an object, array, number, boolean) taken out of the payload.
+    Json(String),
+    /// A string taken out of the payload.
+    Owned(String),
     Missing,
 }
 
@@ -370,6 +382,19 @@ fn get<'a>(record: &'a Record, source: &Source) -> Got<'a> {
         Source::Time => Got::Time(record.time),
         Source::Topic => record.meta.topic().map_or(Got::Missing, Got::Str),
         Source::Payload => record.payload.as_deref().map_or(Got::Missing, Got::Bytes),
+        Source::PayloadPointer(p) => {
+            let Some(payload) = record.payload.as_deref() else {
+                return Got::Missing;
+            };
+            match serde_json::from_slice::<serde_json::Value>(payload) {
+                Ok(doc) => match doc.pointer(p) {
+                    None | Some(serde_json::Value::Null) => Got::Missing,
+                    Some(serde_json::Value::String(s)) => Got::Owned(s.clone()),
+                    Some(v) => Got::Json(v.to_string()),
+                },
+                Err(_) => Got::Missing,
+            }
+        }
         Source::Tag(n) => record.tag(n).map_or(Got::Missing, Got::Str),
         Source::Field(n) => record.field(n).map_or(Got::Missing, Got::Val),
         Source::TagOrField(n) => match record.tag(n) {
@@ -517,6 +542,11 @@ fn encode(out: &mut BytesMut, col: &Column, got: Got<'_>) -> Result<(), String> 
             _ => return Err("a time does not fit this column type".into()),
         },
         Got::Str(s) => put_str(out, s, kind)?,
+        Got::Owned(s) => put_str(out, &s, kind)?,
+        Got::Json(text) => match kind {
+            Kind::Json | Kind::Jsonb => put_json(out, &text, kind),
+            _ => put_str(out, &text, kind)?,
+        },
         Got::Bytes(b) => match kind {
             Kind::Bytea => put_bytes(out, b),
             Kind::Json | Kind::Jsonb => {
@@ -589,6 +619,7 @@ fn describe_value(record: &Record, source: &Source) -> String {
     match get(record, source) {
         Got::Time(ns) => sluice_core::json::format_time(ns),
         Got::Str(s) => excerpt(s),
+        Got::Owned(s) | Got::Json(s) => excerpt(&s),
         Got::Bytes(b) => excerpt(&String::from_utf8_lossy(b)),
         Got::Val(Value::Str(s)) => excerpt(s),
         Got::Val(v) => v.to_string(),
@@ -1595,6 +1626,26 @@ mod tests {
         assert!(e.contains("not JSON"), "{e}");
         let e = encode(&mut out, &col(Kind::Text, false), Got::Str("a\0b")).expect_err("nul");
         assert!(e.contains("NUL"), "{e}");
+    }
+
+    #[test]
+    fn payload_pointer_takes_json_out_of_an_envelope() {
+        let mut r = Record::new(0);
+        r.payload = Some(Bytes::from_static(
+            br#"{"tenant_id":"acme","payload":{"temp":21.5,"s":"x"},"note":"hi"}"#,
+        ));
+        let text = |source: &str| {
+            let mut out = BytesMut::new();
+            let source = Source::parse(source).expect("source");
+            encode(&mut out, &col(Kind::Text, false), get(&r, &source)).expect("encode");
+            String::from_utf8(out[4..].to_vec()).expect("utf8")
+        };
+        assert_eq!(text("payload:/payload"), r#"{"temp":21.5,"s":"x"}"#);
+        assert_eq!(text("payload:/note"), "hi");
+        assert!(matches!(
+            get(&r, &Source::parse("payload:/missing").expect("source")),
+            Got::Missing
+        ));
     }
 
     #[test]
