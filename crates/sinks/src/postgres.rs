@@ -21,7 +21,11 @@
 //!
 //! Each batch is written in one transaction: binary `COPY` into a session-local staging table,
 //! then `INSERT INTO table SELECT … FROM staging ON CONFLICT …`, then `COMMIT`; records are
-//! `Delivered` only after the COMMIT succeeded. Values are converted to the column types on the
+//! `Delivered` only after the COMMIT succeeded. When every column is encoded natively and
+//! `on_conflict` is "nothing" or "error", the sink first tries a plain `COPY` into the table
+//! (no staging, no per-row conflict check: what `psql \copy` does); a batch that meets an
+//! existing key is written again through staging, as are the next 16 batches (a redelivery
+//! burst after a restart). Values are converted to the column types on the
 //! client, so a value that does not fit its column (a string in a `DOUBLE PRECISION` column, a
 //! missing tag for a `NOT NULL` column) is dead-lettered with the column and the value before
 //! anything is sent. Rows the server refuses (constraint violations, data exceptions) are found
@@ -61,10 +65,11 @@ use crate::retry::{Backoff, RetryConfig};
 pub struct PostgresConfig {
     /// Connection string, as a URL ("postgres://user@host:5432/db?sslmode=require") or in
     /// libpq key=value form ("host=127.0.0.1 user=sluice dbname=sluice"). `host`, `port`,
-    /// `user`, `dbname` and `password` override its parts. Default: none (host 127.0.0.1,
-    /// port 5432, user and database "postgres").
+    /// `user`, `dbname` and `password` override its parts. It may hold the password, so it is
+    /// never logged either. Default: none (host 127.0.0.1, port 5432, user and database
+    /// "postgres").
     #[serde(default)]
-    pub url: Option<String>,
+    pub url: Option<Secret>,
     /// Server host name or address. Default: from `url`, else "127.0.0.1".
     #[serde(default)]
     pub host: Option<String>,
@@ -740,6 +745,8 @@ enum Failure {
     Transient(String),
     /// A constraint violation or data exception caused by some row(s): find them.
     Rows(String),
+    /// A direct COPY hit an existing key (`on_conflict = "nothing"`): write through staging.
+    Duplicate,
 }
 
 fn classify(e: &tokio_postgres::Error) -> Failure {
@@ -759,10 +766,21 @@ struct Shared {
     stage_ddl: String,
     copy_sql: String,
     insert_sql: String,
+    /// COPY straight into the table, when every column is encoded natively and
+    /// `on_conflict` is not "update": no staging, no speculative insertion. With "nothing" it
+    /// is tried optimistically; a batch holding an existing key is written again through
+    /// staging, and so are the next `STAGED_AFTER_DUPLICATE` batches (a redelivery burst).
+    direct_copy_sql: Option<String>,
+    on_conflict: OnConflict,
+    /// Batches left to write through staging after a duplicate.
+    staged_left: std::sync::atomic::AtomicU32,
     retry: RetryConfig,
     timeout: Duration,
     name: String,
 }
+
+/// After a direct COPY met an existing key, this many batches go through staging.
+const STAGED_AFTER_DUPLICATE: u32 = 16;
 
 /// A pooled connection slot (empty until connected, emptied when the connection broke).
 struct Slot(Option<Client>);
@@ -783,11 +801,35 @@ impl Shared {
     }
 
     /// One transaction: COPY the rows into staging, INSERT … SELECT, COMMIT.
-    async fn write_once(&self, client: &mut Client, req: &Request) -> Result<u64, Failure> {
+    /// Whether the next batch may try a direct COPY.
+    fn direct(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        match (&self.direct_copy_sql, self.on_conflict) {
+            (Some(_), OnConflict::Error) => true,
+            (Some(_), OnConflict::Nothing) => self
+                .staged_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_err(),
+            _ => false,
+        }
+    }
+
+    /// One transaction: COPY the rows into staging, INSERT … SELECT, COMMIT (or, `direct`,
+    /// COPY into the table and COMMIT).
+    async fn write_once(
+        &self,
+        client: &mut Client,
+        req: &Request,
+        direct: bool,
+    ) -> Result<u64, Failure> {
+        let copy_sql = match (&self.direct_copy_sql, direct) {
+            (Some(sql), true) => sql,
+            _ => &self.copy_sql,
+        };
         let work = async {
             let tx = client.transaction().await?;
-            {
-                let sink = tx.copy_in::<_, Bytes>(&self.copy_sql).await?;
+            let copied = {
+                let sink = tx.copy_in::<_, Bytes>(copy_sql).await?;
                 let mut sink = std::pin::pin!(sink);
                 let mut chunk = BytesMut::with_capacity(256 * 1024);
                 chunk.put_slice(b"PGCOPY\n\xff\r\n\0");
@@ -801,14 +843,25 @@ impl Shared {
                 }
                 chunk.put_i16(-1);
                 sink.send(chunk.freeze()).await?;
-                sink.as_mut().finish().await?;
-            }
-            let n = tx.execute(&self.insert_sql, &[]).await?;
+                sink.as_mut().finish().await?
+            };
+            let n = if direct {
+                copied
+            } else {
+                tx.execute(&self.insert_sql, &[]).await?
+            };
             tx.commit().await?;
             Ok::<u64, tokio_postgres::Error>(n)
         };
         match tokio::time::timeout(self.timeout, work).await {
             Ok(Ok(n)) => Ok(n),
+            Ok(Err(e))
+                if direct
+                    && self.on_conflict == OnConflict::Nothing
+                    && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+            {
+                Err(Failure::Duplicate)
+            }
             Ok(Err(e)) => Err(classify(&e)),
             Err(_) => Err(Failure::Transient(format!(
                 "the transaction did not finish within {:?}",
@@ -821,15 +874,17 @@ impl Shared {
     /// `Delivered` (after COMMIT), dead-lettered or `Errored` (retries used up).
     async fn deliver(&self, slot: &mut Slot, req: Request, cx: &SinkContext) {
         let retries = cx.metrics.counter("retries");
+        let staged = cx.metrics.counter("duplicate_fallbacks");
         let mut work = vec![req];
         while let Some(mut req) = work.pop() {
             let mut backoff = Backoff::new(self.retry);
+            let mut direct = self.direct();
             loop {
                 let started = Instant::now();
                 let result = match self.ensure(slot).await {
                     Err(e) => Err(Failure::Transient(e)),
                     Ok(()) => match slot.0.as_mut() {
-                        Some(client) => self.write_once(client, &req).await,
+                        Some(client) => self.write_once(client, &req, direct).await,
                         None => Err(Failure::Transient("not connected".into())),
                     },
                 };
@@ -842,6 +897,12 @@ impl Shared {
                             r.finalize(BatchStatus::Delivered);
                         }
                         break;
+                    }
+                    Err(Failure::Duplicate) => {
+                        staged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.staged_left
+                            .store(STAGED_AFTER_DUPLICATE, std::sync::atomic::Ordering::Relaxed);
+                        direct = false;
                     }
                     Err(Failure::Rows(message)) => {
                         if req.records.len() == 1 {
@@ -1044,8 +1105,9 @@ impl PostgresConfig {
     fn connector(&self) -> Result<Connector, String> {
         let mut pg = match &self.url {
             Some(url) => url
+                .expose()
                 .parse::<tokio_postgres::Config>()
-                .map_err(|e| format!("`url`: {e}"))?,
+                .map_err(|e| format!("`url`: cannot parse the connection string: {e}"))?,
             None => tokio_postgres::Config::new(),
         };
         if let Some(h) = &self.host {
@@ -1263,6 +1325,15 @@ impl SinkConfig for PostgresConfig {
             stage_cols.join(", ")
         );
         let names: Vec<String> = columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let direct_copy_sql = (self.on_conflict != OnConflict::Update
+            && columns.iter().all(|c| c.kind != Kind::Cast))
+        .then(|| {
+            format!(
+                "COPY {} ({}) FROM STDIN (FORMAT binary)",
+                quote_table(&self.table),
+                names.join(", ")
+            )
+        });
         let copy_sql = format!(
             "COPY sluice_stage ({}) FROM STDIN (FORMAT binary)",
             names.join(", ")
@@ -1363,6 +1434,9 @@ impl SinkConfig for PostgresConfig {
                 stage_ddl,
                 copy_sql,
                 insert_sql,
+                direct_copy_sql,
+                on_conflict: self.on_conflict,
+                staged_left: std::sync::atomic::AtomicU32::new(0),
                 retry: self.retry,
                 timeout: self.timeout.0,
                 name: name.clone(),

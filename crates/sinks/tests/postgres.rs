@@ -310,6 +310,17 @@ async fn redelivered_records_are_written_exactly_once() {
         assert!(dead_letters(&mut sink, Duration::from_millis(200))
             .await
             .is_empty());
+        // Round 1 copies straight into the table; round 2's first batch meets existing keys
+        // and is written again through staging with ON CONFLICT DO NOTHING.
+        let fallbacks = sink
+            .metrics
+            .counter("duplicate_fallbacks")
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            fallbacks > 0,
+            round == 2,
+            "round {round}: {fallbacks} fallbacks"
+        );
         sink.stop(Duration::from_secs(30)).await.expect("stop");
         assert_eq!(count(&client, &table).await, N, "round {round}");
     }
@@ -720,7 +731,7 @@ async fn server_restart_mid_stream_loses_and_duplicates_nothing() {
         table,
         "retry = { initial_backoff = \"100ms\", max_backoff = \"2s\", max_retries = 100 }",
     );
-    c.url = Some(url.clone());
+    c.url = Some(url.clone().into());
     c.batch.max_records = 500;
     let mut sink = SinkHarness::start(&c, "pg", "pg-tests")
         .await
@@ -810,4 +821,27 @@ fn retry_restart_count(sink: &SinkHarness) -> i64 {
     sink.metrics
         .counter("retries")
         .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A wrong password fails the build with the server's answer, and the password appears in no
+/// message (the URL, `password` and `PGPASSWORD` all stay out of errors and logs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_fails_the_build_without_showing_it() {
+    require_postgres();
+    for config_text in [
+        "url = \"postgres://sluice:hunter2-secret@127.0.0.1:5432/sluice\"\ntable = \"t\"".to_string(),
+        "host = \"127.0.0.1\"\nuser = \"sluice\"\ndbname = \"sluice\"\npassword = \"hunter2-secret\"\ntable = \"t\"".to_string(),
+    ] {
+        let err = match SinkHarness::start(&config(&config_text), "pg", "pg-tests").await {
+            Ok(_) => panic!("a wrong password must fail the build"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("password authentication failed"), "{err}");
+        assert!(err.contains("127.0.0.1:5432"), "the error names the server: {err}");
+        assert!(!err.contains("hunter2"), "the password leaked: {err}");
+        assert!(
+            !format!("{:?}", config(&config_text)).contains("hunter2"),
+            "Debug of the config shows the password"
+        );
+    }
 }
