@@ -86,9 +86,11 @@ pub struct PostgresConfig {
     /// variable, else none.
     #[serde(default)]
     pub password: Option<Secret>,
-    /// TLS: "disable", "prefer" (TLS when the server offers it) or "require". The server
-    /// certificate is verified against `ssl_root_cert` or the system roots. Default: from
-    /// `url`, else "prefer".
+    /// TLS, as libpq: "disable"; "prefer" (TLS when the server offers it) and "require"
+    /// (TLS or no connection) encrypt without checking the server's certificate unless
+    /// `ssl_root_cert` is set (then it must chain to that CA and name the host);
+    /// "verify-full" always checks it (against `ssl_root_cert` or the system roots). Default:
+    /// from `url`, else "prefer".
     #[serde(default)]
     pub sslmode: Option<SslMode>,
     /// PEM file with the CA certificate(s) that signed the server's certificate. Default: the
@@ -162,6 +164,7 @@ pub enum SslMode {
     Disable,
     Prefer,
     Require,
+    VerifyFull,
 }
 
 /// What an insert whose key exists does.
@@ -1137,15 +1140,16 @@ impl PostgresConfig {
             pg.ssl_mode(match mode {
                 SslMode::Disable => PgSslMode::Disable,
                 SslMode::Prefer => PgSslMode::Prefer,
-                SslMode::Require => PgSslMode::Require,
+                SslMode::Require | SslMode::VerifyFull => PgSslMode::Require,
             });
         }
+        let verify = self.sslmode == Some(SslMode::VerifyFull) || self.ssl_root_cert.is_some();
         pg.connect_timeout(self.timeout.0.min(Duration::from_secs(10)));
         pg.application_name("sluice");
         let tls = match pg.get_ssl_mode() {
             PgSslMode::Disable => None,
             _ => Some(tokio_postgres_rustls::MakeRustlsConnect::new(
-                self.tls_config()?,
+                self.tls_config(verify)?,
             )),
         };
         let host = match pg.get_hosts().first() {
@@ -1168,13 +1172,21 @@ impl PostgresConfig {
         })
     }
 
-    fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
+    /// The rustls configuration; `verify` = check the server's certificate (else encrypt
+    /// only, as libpq's "prefer"/"require" without a root certificate).
+    fn tls_config(&self, verify: bool) -> Result<rustls::ClientConfig, String> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::CertificateDer;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("tls: {e}"))?;
+        if !verify {
+            return Ok(builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+                .with_no_client_auth());
+        }
         let mut roots = rustls::RootCertStore::empty();
         match &self.ssl_root_cert {
             Some(path) => {
@@ -1201,6 +1213,56 @@ impl PostgresConfig {
             }
         }
         Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    }
+}
+
+/// libpq's "prefer"/"require" without a root certificate: the connection is encrypted, the
+/// server's certificate is not checked (its signatures over the handshake still are).
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -641,6 +641,12 @@ fn as_owner(bin: &Path) -> Command {
 
 impl PrivateCluster {
     fn start() -> PrivateCluster {
+        Self::start_with(|_| {})
+    }
+
+    /// Like `start`, running `setup` on the data directory between initdb and the start (as
+    /// root: files it writes are handed to the cluster owner afterwards).
+    fn start_with(setup: impl FnOnce(&Path)) -> PrivateCluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         if is_root() {
@@ -671,6 +677,14 @@ impl PrivateCluster {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        setup(&dir.join("data"));
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres", &dir.display().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown the private cluster's files to postgres");
+        }
         let cluster = PrivateCluster {
             dir,
             port,
@@ -844,4 +858,209 @@ async fn wrong_password_fails_the_build_without_showing_it() {
             "Debug of the config shows the password"
         );
     }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// TLS against a private cluster that accepts only TLS connections (`hostssl` in pg_hba.conf)
+/// with a certificate from a test CA: `verify-full` with `ssl_root_cert` = that CA connects and
+/// writes; `verify-full` on the system roots, or `require` with another CA, fails
+/// verification; `require` alone encrypts without verifying (libpq); `disable` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_require_verifies_the_server_certificate() {
+    require_postgres();
+    let certs = tempfile::tempdir().expect("tempdir");
+    let c = certs.path();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        c,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=sluice test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        c,
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        c.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext.cnf");
+    openssl(
+        c,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let cluster = PrivateCluster::start_with(|data| {
+        for f in ["server.crt", "server.key"] {
+            std::fs::copy(c.join(f), data.join(f)).expect("copy cert");
+        }
+        let ok = Command::new("chmod")
+            .args(["600", &data.join("server.key").display().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "chmod server.key");
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).expect("conf");
+        conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(data.join("postgresql.conf"), conf).expect("conf");
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .expect("pg_hba.conf");
+    });
+    let base = format!(
+        "host = \"127.0.0.1\"\nport = {}\nuser = \"sluice\"\ndbname = \"postgres\"\ntable = \"tls_rows\"\ncreate_table = true\ncolumns = {{ time = \"time\", device_id = \"tag:device_id\" }}\nkey = [\"time\", \"device_id\"]\n",
+        cluster.port
+    );
+
+    let refused = |text: String| async move {
+        match SinkHarness::start(&config(&text), "pg", "pg-tests").await {
+            Ok(_) => panic!("must not connect: {text}"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let plain = refused(format!("{base}sslmode = \"disable\"")).await;
+    assert!(
+        plain.contains("no encryption") || plain.contains("pg_hba.conf"),
+        "{plain}"
+    );
+    let untrusted = refused(format!("{base}sslmode = \"verify-full\"")).await;
+    assert!(
+        untrusted.to_lowercase().contains("certificate"),
+        "{untrusted}"
+    );
+    // A CA that did not sign the server's certificate.
+    let other = tempfile::tempdir().expect("tempdir");
+    openssl(
+        other.path(),
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=other CA",
+            ],
+        ]
+        .concat(),
+    );
+    let wrong_ca = refused(format!(
+        "{base}sslmode = \"require\"\nssl_root_cert = \"{}\"",
+        other.path().join("ca.pem").display()
+    ))
+    .await;
+    assert!(
+        wrong_ca.to_lowercase().contains("certificate"),
+        "{wrong_ca}"
+    );
+    // libpq's "require" without a root certificate: encrypted, not verified.
+    let sink = SinkHarness::start(
+        &config(&format!("{base}sslmode = \"require\"")),
+        "pg",
+        "pg-tests",
+    )
+    .await
+    .expect("require without ssl_root_cert encrypts without verifying");
+    sink.stop(Duration::from_secs(30)).await.expect("stop");
+
+    let sink = SinkHarness::start(
+        &config(&format!(
+            "{base}sslmode = \"verify-full\"\nssl_root_cert = \"{}\"",
+            c.join("ca.pem").display()
+        )),
+        "pg",
+        "pg-tests",
+    )
+    .await
+    .expect("TLS with the test CA");
+    let records: Vec<Record> = (0..100)
+        .map(|i| {
+            let mut r = Record::new(BASE + i * 1_000_000);
+            r.set_tag("device_id", "tls-1");
+            r
+        })
+        .collect();
+    let statuses = statuses_of(send_all(&sink, records, 50).await, Duration::from_secs(60)).await;
+    assert!(
+        statuses.iter().all(|s| *s == Some(BatchStatus::Delivered)),
+        "{statuses:?}"
+    );
+    sink.stop(Duration::from_secs(30)).await.expect("stop");
+    let out = Command::new("psql")
+        .arg(format!(
+            "postgres://sluice@127.0.0.1:{}/postgres?sslmode=require",
+            cluster.port
+        ))
+        .args(["-XtAc", "SELECT count(*) FROM tls_rows"])
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "100",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
