@@ -124,14 +124,22 @@ async fn shipped_pipeline_kill_9_midway_every_message_exactly_once() {
     let group_line = "group_id = \"${KAFKA_GROUP:-iot-postgres}\"";
     assert!(shipped.contains(group_line), "the pipeline's group_id line");
     let pipeline = dir.path().join("pipeline.toml");
+    // Smaller transactions, one at a time: the kill lands mid-stream even on a fast machine.
+    let batch_line = "batch = { max_records = 5000, max_age = \"500ms\" }";
+    assert!(shipped.contains(batch_line), "the pipeline's batch line");
     std::fs::write(
         &pipeline,
-        shipped.replace(
-            group_line,
-            &format!(
-                "{group_line}\nsession_timeout = \"6s\"\ncommit_interval = \"200ms\"\nlibrdkafka_options = {{ \"max.poll.interval.ms\" = \"10000\" }}"
+        shipped
+            .replace(
+                group_line,
+                &format!(
+                    "{group_line}\nsession_timeout = \"6s\"\ncommit_interval = \"200ms\"\nlibrdkafka_options = {{ \"max.poll.interval.ms\" = \"10000\" }}"
+                ),
+            )
+            .replace(
+                batch_line,
+                "batch = { max_records = 500, max_age = \"100ms\" }\nin_flight = 1",
             ),
-        ),
     )
     .expect("write pipeline");
     let data_dir = dir.path().display().to_string();
