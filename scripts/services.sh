@@ -193,8 +193,15 @@ pg_as_owner() {
 
 postgres_start() {
   apt_install postgresql
-  if port_open "$PG_PORT"; then log "postgres already listening on $PG_PORT"; return 0; fi
   local bin; bin=$(pg_bin)
+  if port_open "$PG_PORT"; then
+    if [ -f "$PG_DIR/data/PG_VERSION" ] && pg_as_owner "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+      log "postgres already listening on $PG_PORT"; return 0
+    fi
+    # Where systemd runs, installing the package starts Debian's own cluster on 5432.
+    log "port $PG_PORT is taken by another PostgreSQL (Debian's default cluster? stop it with: pg_ctlcluster $(basename "$(dirname "$bin")") main stop)"
+    return 1
+  fi
   mkdir -p "$PG_DIR"
   [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DIR"
   if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
