@@ -12,10 +12,13 @@
 # $SLUICE_SERVICES_DIR (default /tmp/sluice-services). victoriametrics (InfluxDB 2.x write API
 # /api/v2/write, read back through /api/v1/export, 8428). tansu (Kafka-compatible broker, 9092;
 # built once with `cargo install` into $SLUICE_TANSU_ROOT, default ~/.cache/sluice/tansu).
+# postgres (PostgreSQL 15 from Debian, 5432; a cluster of its own under $DIR/postgres, run as
+# the `postgres` OS user when this script runs as root; user/password/database sluice/sluice/
+# sluice over TCP with scram-sha-256).
 set -euo pipefail
 
 DIR="${SLUICE_SERVICES_DIR:-/tmp/sluice-services}"
-ALL_SERVICES=(mosquitto moto victoriametrics tansu)
+ALL_SERVICES=(mosquitto moto victoriametrics tansu postgres)
 mkdir -p "$DIR"
 
 log() { echo "[services] $*" >&2; }
@@ -172,6 +175,70 @@ tansu_stop() {
 }
 
 tansu_status() { port_open 9092 && echo "tansu: up (127.0.0.1:9092)" || echo "tansu: down"; }
+
+# --- postgres (PostgreSQL 15 on 5432) --------------------------------------------------------
+# Debian's package ships the server binaries only under /usr/lib/postgresql/<major>/bin and
+# starts nothing without systemd. PostgreSQL refuses to run as root, so as root the cluster
+# belongs to the `postgres` OS user the package creates. Socket in $DIR/postgres, TCP only on
+# 127.0.0.1; role `sluice` (superuser, password `sluice`), database `sluice`.
+PG_PORT=5432
+PG_DIR="$DIR/postgres"
+
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+# Runs a PostgreSQL binary as the cluster's owner.
+pg_as_owner() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+postgres_start() {
+  apt_install postgresql
+  local bin; bin=$(pg_bin)
+  if port_open "$PG_PORT"; then
+    if [ -f "$PG_DIR/data/PG_VERSION" ] && pg_as_owner "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+      log "postgres already listening on $PG_PORT"; return 0
+    fi
+    # Where systemd runs, installing the package starts Debian's own cluster on 5432.
+    log "port $PG_PORT is taken by another PostgreSQL (Debian's default cluster? stop it with: pg_ctlcluster $(basename "$(dirname "$bin")") main stop)"
+    return 1
+  fi
+  mkdir -p "$PG_DIR"
+  [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DIR"
+  if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
+    log "creating a PostgreSQL cluster in $PG_DIR/data"
+    echo sluice > "$PG_DIR/pwfile"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DIR/pwfile"
+    pg_as_owner "$bin/initdb" -D "$PG_DIR/data" -U sluice --pwfile="$PG_DIR/pwfile" \
+      --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >> "$PG_DIR/initdb.log" 2>&1
+    rm -f "$PG_DIR/pwfile"
+    cat >> "$PG_DIR/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$PG_DIR'
+max_connections = 200
+fsync = on
+CONF
+  fi
+  touch "$DIR/postgres.log"
+  [ "$(id -u)" = 0 ] && chown postgres:postgres "$DIR/postgres.log"
+  pg_as_owner "$bin/pg_ctl" -D "$PG_DIR/data" -l "$DIR/postgres.log" -w -t 60 start >/dev/null
+  wait_port postgres "$PG_PORT" 300
+  if ! pg_as_owner "$bin/psql" -h "$PG_DIR" -p "$PG_PORT" -U sluice -d postgres -tAc \
+      "SELECT 1 FROM pg_database WHERE datname = 'sluice'" | grep -q 1; then
+    pg_as_owner "$bin/createdb" -h "$PG_DIR" -p "$PG_PORT" -U sluice sluice
+  fi
+  log "postgres ready on 127.0.0.1:$PG_PORT (postgres://sluice:sluice@127.0.0.1:$PG_PORT/sluice)"
+}
+
+postgres_stop() {
+  local bin; bin=$(pg_bin)
+  if [ -n "$bin" ] && [ -f "$PG_DIR/data/postmaster.pid" ]; then
+    pg_as_owner "$bin/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+  fi
+  for _ in $(seq 100); do port_open "$PG_PORT" || break; sleep 0.1; done
+}
+
+postgres_status() { port_open "$PG_PORT" && echo "postgres: up (127.0.0.1:$PG_PORT, user/password/db sluice)" || echo "postgres: down"; }
 
 # --- dispatch ----------------------------------------------------------------------------------
 cmd=${1:-status}

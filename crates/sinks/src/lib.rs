@@ -11,6 +11,7 @@ pub mod kafka_testing;
 pub mod line_protocol;
 pub mod mqtt;
 pub mod parquet;
+pub mod postgres;
 pub mod retry;
 pub mod s3;
 pub mod timestream;
@@ -28,5 +29,6 @@ pub fn register(registry: &mut Registry) {
         .sink::<timestream::TimestreamConfig>("timestream")
         .sink::<dynamodb::DynamoDbConfig>("dynamodb")
         .sink::<mqtt::MqttSinkConfig>("mqtt")
-        .sink::<kafka::KafkaSinkConfig>("kafka");
+        .sink::<kafka::KafkaSinkConfig>("kafka")
+        .sink::<postgres::PostgresConfig>("postgres");
 }
