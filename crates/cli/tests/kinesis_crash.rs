@@ -44,6 +44,34 @@ elif cmd == "put":
              "PartitionKey": "k%d" % (i % 1000)} for i in batch])
         assert out["FailedRecordCount"] == 0, out
         n = batch[-1] + 1
+elif cmd == "put-bodies":
+    # args: STREAM BODY...; partition key = the body's device (from the topic); prints the
+    # highest sequence number written to each shard.
+    k = boto3.client("kinesis", **kw)
+    last = {}
+    for body in args[1:]:
+        topic = json.loads(body).get("topic", "x")
+        r = k.put_record(StreamName=args[0], Data=body.encode(), PartitionKey=topic)
+        s, q = r["ShardId"], r["SequenceNumber"]
+        if s not in last or (len(q), q) > (len(last[s]), last[s]):
+            last[s] = q
+    print(json.dumps(last))
+elif cmd == "bucket":
+    boto3.client("s3", **kw).create_bucket(Bucket=args[0])
+elif cmd == "parquet":
+    import io, pyarrow.parquet as pq
+    s3 = boto3.client("s3", **kw)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=args[0]).get("Contents", [])]
+    rows = 0
+    for key in keys:
+        rows += pq.read_table(io.BytesIO(s3.get_object(Bucket=args[0], Key=key)["Body"].read())).num_rows
+    print(json.dumps({"keys": keys, "rows": rows}))
+elif cmd == "timestream":
+    import urllib.request, urllib.error
+    try:
+        print(urllib.request.urlopen("http://127.0.0.1:5001/timestream/%s/%s" % (args[0], args[1])).read().decode())
+    except urllib.error.HTTPError:
+        print("[]")
 elif cmd == "leases":
     d = boto3.client("dynamodb", **kw)
     try:
@@ -296,4 +324,138 @@ fn two_processes_split_the_shards_and_one_takes_over_after_kill_9() {
         "b holds every lease after a died: {l:?}"
     );
     assert!(!written(&out_a).is_empty() && !written(&out_b).is_empty());
+}
+
+/// `pipelines/aws-iot-backend.toml` as shipped, against moto: IoT rule envelopes on Kinesis
+/// become Timestream records (warm) and Parquet rows on S3 under telemetry/date=…/ (cold), a
+/// body whose topic does not match goes to the dead-letter file, the three devices that fall
+/// silent raise one "offline" alert each, and every shard is checkpointed at its last record
+/// (only possible once every sink delivered every record).
+#[test]
+fn aws_iot_backend_pipeline_end_to_end() {
+    require_moto();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = format!(
+        "{}{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    );
+    let (stream, table) = stream(dir.path(), "backend", 2);
+    let bucket = format!("iot-cold-{tag}");
+    helper(dir.path(), &["bucket", &bucket]);
+    let database = format!("iot{tag}");
+    let (dead, alerts) = (
+        dir.path().join("dead.jsonl"),
+        dir.path().join("alerts.jsonl"),
+    );
+    // 3 devices × 4 readings; ts 1764000000000 = 2025-11-24T16:00:00Z.
+    let mut bodies = Vec::new();
+    for d in 0..3 {
+        for i in 0..4 {
+            bodies.push(format!(
+                r#"{{"topic":"dt/acme/plant-1/dev-{d}/telemetry","payload":{{"ts":{},"temp":{}.5,"humidity":40.25,"voltage":3.31,"device_status":"online"}}}}"#,
+                1_764_000_000_000i64 + i * 1000,
+                20 + i
+            ));
+        }
+    }
+    bodies.push(r#"{"topic":"other/topic","payload":{"temp":1}}"#.to_string());
+    let mut args = vec!["put-bodies", stream.as_str()];
+    args.extend(bodies.iter().map(String::as_str));
+    let last: BTreeMap<String, String> =
+        serde_json::from_str(&helper(dir.path(), &args)).expect("last sequence numbers");
+
+    let pipeline =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/aws-iot-backend.toml");
+    let archive = format!("s3://{bucket}");
+    let (dead_file, alerts_file) = (dead.display().to_string(), alerts.display().to_string());
+    let sluice = Sluice::start(
+        &pipeline,
+        &[
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+            ("KINESIS_STREAM", stream.as_str()),
+            ("LEASE_TABLE", table.as_str()),
+            ("AWS_ENDPOINT", ENDPOINT),
+            ("ARCHIVE", &archive),
+            ("ARCHIVE_MAX_AGE", "1s"),
+            ("CREATE_TABLE", "true"),
+            ("TS_DATABASE", &database),
+            ("TS_TABLE", "telemetry"),
+            ("OFFLINE_AFTER", "3s"),
+            ("ALERTS_FILE", &alerts_file),
+            ("DEAD_LETTER_FILE", &dead_file),
+            ("RUST_LOG", "warn"),
+        ],
+        None,
+    );
+    // Checkpoints reach each shard's last record once Timestream, the Parquet file and the
+    // dead-letter file have every record.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let l = leases(dir.path(), &table);
+        if last
+            .iter()
+            .all(|(shard, seq)| l.get(shard).is_some_and(|(c, _)| c == seq))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checkpoints {l:?}, want {last:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The devices are silent from now on: one "offline" alert each after 3 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let offline = loop {
+        let text = std::fs::read_to_string(&alerts).unwrap_or_default();
+        let offline: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|a| a.pointer("/fields/detector").and_then(|d| d.as_str()) == Some("missing"))
+            .collect();
+        if offline.len() >= 3 || Instant::now() > deadline {
+            break offline;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    stop(sluice);
+    let mut devices: Vec<&str> = offline
+        .iter()
+        .filter_map(|a| a.pointer("/tags/device_id").and_then(|d| d.as_str()))
+        .collect();
+    devices.sort();
+    assert_eq!(
+        devices,
+        vec!["dev-0", "dev-1", "dev-2"],
+        "offline alerts: {offline:?}"
+    );
+
+    let records: serde_json::Value =
+        serde_json::from_str(&helper(dir.path(), &["timestream", &database, "telemetry"]))
+            .expect("timestream records JSON");
+    assert_eq!(
+        records.as_array().map(Vec::len),
+        Some(12),
+        "one Timestream record per reading"
+    );
+    let cold: serde_json::Value =
+        serde_json::from_str(&helper(dir.path(), &["parquet", &bucket])).expect("parquet JSON");
+    assert_eq!(cold["rows"], 12, "{cold}");
+    let keys = cold["keys"].as_array().expect("keys");
+    assert!(
+        !keys.is_empty()
+            && keys.iter().all(|k| k
+                .as_str()
+                .is_some_and(|k| k.starts_with("telemetry/date=2025-11-24/"))),
+        "{cold}"
+    );
+    let dead_text = std::fs::read_to_string(&dead).unwrap_or_default();
+    assert_eq!(dead_text.lines().count(), 1, "{dead_text}");
+    assert!(dead_text.contains("does not match"), "{dead_text}");
 }
