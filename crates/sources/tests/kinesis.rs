@@ -400,6 +400,17 @@ async fn twenty_thousand_records_from_4_shards_then_resume_after_the_checkpoints
     .await;
     assert_eq!(run.gauge("leases_held"), 4);
     assert!(run.counter("checkpoints") >= 4);
+    // The iterator age of every shard is a gauge; caught up, it is 0.
+    for shard in last.keys() {
+        let labels = [("shard", shard.as_str())];
+        let age = run.metrics.labeled_gauge("millis_behind_latest", &labels);
+        assert_eq!(age.load(Ordering::Relaxed), 0, "{shard} caught up");
+        assert!(
+            run.metrics
+                .remove_labeled_gauge("millis_behind_latest", &labels),
+            "millis_behind_latest{{shard={shard}}} was registered by the reader"
+        );
+    }
     run.stop().await;
     // A graceful stop frees the leases.
     let l = f.leases().await;
@@ -638,4 +649,114 @@ async fn two_instances_split_4_shards_and_one_takes_over_when_the_other_dies() {
     assert_all(&all, 5000);
     assert!(b.counter("leases_taken") >= 4, "2 stolen + 2 taken over");
     b.stop().await;
+}
+
+/// Reads one HTTP/1.1 message (head and a `Content-Length` body) from `r`; `None` at EOF.
+async fn read_message(
+    r: &mut tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        if r.read_until(b'\n', &mut line).await.ok()? == 0 {
+            return None;
+        }
+        head.extend_from_slice(&line);
+        if line == b"\r\n" {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(
+        !text.contains("transfer-encoding: chunked"),
+        "the test proxy only handles Content-Length bodies"
+    );
+    let len = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await.ok()?;
+    head.extend_from_slice(&body);
+    Some(head)
+}
+
+/// A proxy in front of moto's Kinesis that answers the first `throttle` `GetRecords` calls
+/// with `ProvisionedThroughputExceededException` (moto never throttles). Returns its URL.
+async fn throttling_proxy(throttle: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((down, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect("127.0.0.1:5000").await else {
+                    return;
+                };
+                let (down_r, mut down_w) = down.into_split();
+                let (up_r, mut up_w) = up.into_split();
+                let mut down_r = tokio::io::BufReader::new(down_r);
+                let mut up_r = tokio::io::BufReader::new(up_r);
+                while let Some(request) = read_message(&mut down_r).await {
+                    let lower = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                    let get_records = lower.contains("kinesis_20131202.getrecords");
+                    if get_records && count.load(Ordering::SeqCst) < throttle {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let body = r#"{"__type":"ProvisionedThroughputExceededException","message":"Rate exceeded for shard"}"#;
+                        let answer = format!(
+                            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if down_w.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    if up_w.write_all(&request).await.is_err() {
+                        return;
+                    }
+                    let Some(response) = read_message(&mut up_r).await else {
+                        return;
+                    };
+                    if down_w.write_all(&response).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn throughput_exceeded_backs_off_and_loses_nothing() {
+    let f = fixture("throttle", 1).await;
+    f.put(0..300, 10).await;
+    // More refusals in a row than the SDK's own 3 attempts: the source's backoff takes over.
+    let (proxy, refused) = throttling_proxy(12).await;
+    let mut c = config(&f.stream, &f.table);
+    c.endpoint_url = Some(proxy);
+    c.lease_endpoint_url = Some(ENDPOINT.to_string());
+    c.max_records = 100;
+    let run = start(c, deliver_all()).await;
+    run.wait(120, "all 300 after the throttling", |r| {
+        r.distinct().len() >= 300
+    })
+    .await;
+    assert_all(&run.distinct(), 300);
+    assert_eq!(refused.load(Ordering::SeqCst), 12, "every refusal was sent");
+    assert!(
+        run.counter("throttled") >= 1,
+        "throttled {}",
+        run.counter("throttled")
+    );
+    assert_eq!(run.seen().len(), 300, "throttling causes no duplicates");
+    run.stop().await;
 }
