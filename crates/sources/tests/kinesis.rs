@@ -630,6 +630,7 @@ async fn two_instances_split_4_shards_and_one_takes_over_when_the_other_dies() {
             && b.distinct().range(2000..3000).next().is_some(),
         "both instances read new records"
     );
+    assert_eq!(a.counter("leases_lost"), 2, "a noticed both steals");
     let a_seen = a.distinct();
     a.crash();
     // Written while a is dead: only b can read them, after a's leases expire.
@@ -758,5 +759,31 @@ async fn throughput_exceeded_backs_off_and_loses_nothing() {
         run.counter("throttled")
     );
     assert_eq!(run.seen().len(), 300, "throttling causes no duplicates");
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn starting_position_latest_skips_the_backlog() {
+    let f = fixture("latest", 2).await;
+    f.put(0..100, 10).await;
+    let mut c = config(&f.stream, &f.table);
+    c.starting_position = kinesis::StartingPosition::Latest;
+    let run = start(c, deliver_all()).await;
+    run.wait(60, "both leases held", |r| r.gauge("leases_held") == 2)
+        .await;
+    // Let each reader get its LATEST iterator before the new records are put.
+    f.wait_leases(30, "leases owned", |l| l.values().all(|(_, o)| o.is_some()))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    f.put(100..150, 10).await;
+    run.wait(60, "the 50 new records", |r| r.distinct().len() >= 50)
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = run.distinct();
+    assert_eq!(
+        seen,
+        (100..150).collect(),
+        "only records put after the start"
+    );
     run.stop().await;
 }

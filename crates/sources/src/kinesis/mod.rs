@@ -335,6 +335,8 @@ struct Held {
     stop: CancellationToken,
     reader: Reader,
     ending: tokio::sync::watch::Sender<Option<String>>,
+    /// Another instance owns it now: not renewed while its reader stops.
+    lost: bool,
 }
 
 /// A shard reader task, aborted when dropped: if the source's task is dropped (the
@@ -472,10 +474,12 @@ async fn coordinate(shared: Arc<Shared>, out: Outputs, shutdown: CancellationTok
                 break;
             }
         }
-        tokio::select! {
-            _ = tick.tick() => {}
+        // While stopping, readers are reaped as soon as they end (renewals stay on the tick).
+        let renew_now = tokio::select! {
+            _ = tick.tick() => true,
             _ = shutdown.cancelled(), if !stopping => continue,
-        }
+            _ = tokio::time::sleep(Duration::from_millis(100)), if stopping => false,
+        };
         // Readers that ended: a finished shard lets its children start.
         let ended: Vec<String> = held
             .iter()
@@ -491,8 +495,11 @@ async fn coordinate(shared: Arc<Shared>, out: Outputs, shutdown: CancellationTok
                     .remove_labeled_gauge("millis_behind_latest", &[("shard", &k)]);
             }
         }
-        // Renew what is held.
-        for (k, h) in held.iter_mut() {
+        if !renew_now {
+            continue;
+        }
+        // Renew what is held (not the leases already lost, whose readers are stopping).
+        for (k, h) in held.iter_mut().filter(|(_, h)| !h.lost) {
             match shared.leases.renew(k, &shared.worker, h.counter).await {
                 Ok(Written::Done(c)) => {
                     h.counter = c;
@@ -501,6 +508,7 @@ async fn coordinate(shared: Arc<Shared>, out: Outputs, shutdown: CancellationTok
                 Ok(Written::Lost) => {
                     tracing::info!(source = %name, shard = %k, "kinesis lease taken by another instance; stopping the shard");
                     leases_lost.fetch_add(1, Ordering::Relaxed);
+                    h.lost = true;
                     h.stop.cancel();
                 }
                 Err(e) => {
@@ -508,12 +516,16 @@ async fn coordinate(shared: Arc<Shared>, out: Outputs, shutdown: CancellationTok
                     if h.renewed.elapsed() >= timeout {
                         tracing::warn!(source = %name, shard = %k, "kinesis lease not renewed for lease_timeout; stopping the shard");
                         leases_lost.fetch_add(1, Ordering::Relaxed);
+                        h.lost = true;
                         h.stop.cancel();
                     }
                 }
             }
         }
-        leases_held.store(held.len() as i64, Ordering::Relaxed);
+        leases_held.store(
+            held.values().filter(|h| !h.lost).count() as i64,
+            Ordering::Relaxed,
+        );
         if stopping {
             continue;
         }
@@ -595,6 +607,7 @@ async fn coordinate(shared: Arc<Shared>, out: Outputs, shutdown: CancellationTok
                             stop,
                             reader,
                             ending,
+                            lost: false,
                         },
                     );
                 }
@@ -604,7 +617,10 @@ async fn coordinate(shared: Arc<Shared>, out: Outputs, shutdown: CancellationTok
                 Err(e) => tracing::warn!(source = %name, error = %e, "kinesis lease take failed"),
             }
         }
-        leases_held.store(held.len() as i64, Ordering::Relaxed);
+        leases_held.store(
+            held.values().filter(|h| !h.lost).count() as i64,
+            Ordering::Relaxed,
+        );
     }
     leases_held.store(0, Ordering::Relaxed);
 }
