@@ -312,6 +312,7 @@ struct Shared {
     checkpoints: Arc<AtomicI64>,
     checkpoint_failures: Arc<AtomicI64>,
     throttled: Arc<AtomicI64>,
+    leases_lost: Arc<AtomicI64>,
     rereads: Arc<AtomicI64>,
 }
 
@@ -380,6 +381,7 @@ impl Source for KinesisSource {
             checkpoints: metrics.counter("checkpoints"),
             checkpoint_failures: metrics.counter("checkpoint_failures"),
             throttled: metrics.counter("throttled"),
+            leases_lost: metrics.counter("leases_lost"),
             rereads: metrics.counter("rereads"),
             metrics,
         });
@@ -459,7 +461,7 @@ async fn coordinate(shared: Arc<Shared>, out: Outputs, shutdown: CancellationTok
     let mut observed = Observed::default();
     let leases_held = shared.metrics.gauge("leases_held");
     let leases_taken = shared.metrics.counter("leases_taken");
-    let leases_lost = shared.metrics.counter("leases_lost");
+    let leases_lost = shared.leases_lost.clone();
     let mut tick = tokio::time::interval(timeout / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -793,7 +795,7 @@ async fn read_shard(
             && (finished || last_checkpoint.elapsed() >= config.checkpoint_interval.0)
         {
             if let Some(d) = delivered.clone() {
-                if !write_checkpoint(&shared, &shard, &d).await {
+                if !write_checkpoint(&shared, &shard, &d, stop.is_cancelled()).await {
                     return ShardEnd::Stopped;
                 }
                 checkpointed = Some(d);
@@ -801,7 +803,7 @@ async fn read_shard(
             last_checkpoint = Instant::now();
         }
         if finished {
-            if !write_checkpoint(&shared, &shard, SHARD_END).await {
+            if !write_checkpoint(&shared, &shard, SHARD_END, stop.is_cancelled()).await {
                 return ShardEnd::Stopped;
             }
             tracing::info!(source = %name, shard = %shard, "kinesis shard read to its end");
@@ -994,7 +996,7 @@ async fn read_shard(
     }
     if last_good != checkpointed {
         if let Some(d) = last_good {
-            if !write_checkpoint(&shared, &shard, &d).await {
+            if !write_checkpoint(&shared, &shard, &d, stop.is_cancelled()).await {
                 return ShardEnd::Stopped;
             }
         }
@@ -1011,7 +1013,7 @@ async fn read_shard(
 /// Writes a shard's checkpoint; `false` when the lease is no longer this instance's (stop
 /// reading the shard). Transient errors are retried a few times, then the checkpoint is left
 /// for the next round (a later checkpoint covers it).
-async fn write_checkpoint(shared: &Shared, shard: &str, checkpoint: &str) -> bool {
+async fn write_checkpoint(shared: &Shared, shard: &str, checkpoint: &str, stopping: bool) -> bool {
     let mut backoff = Duration::from_millis(200);
     for _ in 0..5 {
         match shared
@@ -1024,7 +1026,11 @@ async fn write_checkpoint(shared: &Shared, shard: &str, checkpoint: &str) -> boo
                 return true;
             }
             Ok(Written::Lost) => {
-                tracing::info!(source = %shared.source, shard, "kinesis lease owned by another instance; stopping the shard");
+                // A reader told to stop already counts as lost, by the coordinator.
+                if !stopping {
+                    shared.leases_lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(source = %shared.source, shard, "kinesis lease owned by another instance; stopping the shard");
+                }
                 return false;
             }
             Err(e) => {
