@@ -152,16 +152,24 @@ impl Fixture {
 
     /// shard id → (checkpoint, owner) from the lease table.
     async fn leases(&self) -> BTreeMap<String, (String, Option<String>)> {
-        let items = self
+        let answer = self
             .dynamodb
             .scan()
             .table_name(&self.table)
             .consistent_read(true)
             .send()
-            .await
-            .expect("Scan lease table")
-            .items
-            .unwrap_or_default();
+            .await;
+        let items = match answer {
+            Ok(a) => a.items.unwrap_or_default(),
+            // The source has not created the table yet.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
+            {
+                Vec::new()
+            }
+            Err(e) => panic!("Scan lease table: {e:?}"),
+        };
         let s = |i: &HashMap<String, AttributeValue>, k: &str| {
             i.get(k).and_then(|v| v.as_s().ok()).cloned()
         };
@@ -196,7 +204,7 @@ impl Fixture {
 }
 
 /// How a test's sink treats the batches it gets.
-type Judge = Box<dyn FnMut(usize, &Batch) -> Option<BatchStatus> + Send>;
+type Judge = Box<dyn FnMut(usize, &mut Batch) -> Option<BatchStatus> + Send>;
 
 /// A source instance running in this process and a sink that records every `seq` it got (in
 /// arrival order) and finalizes each batch as `judge` says (`None`: hold it in `held`).
@@ -302,7 +310,7 @@ async fn sink(
                 rs.push(c);
             }
         }
-        match judge(n, &b) {
+        match judge(n, &mut b) {
             Some(status) => b.finalize(status),
             None => held.lock().expect("lock").push(b),
         }
@@ -460,7 +468,7 @@ async fn the_checkpoint_never_passes_an_undelivered_batch() {
     }
     let want = last.values().next().expect("shard").clone();
     f.wait_leases(30, "checkpoint at the last record", |l| {
-        l.values().all(|(c, _)| *c == want)
+        !l.is_empty() && l.values().all(|(c, _)| *c == want)
     })
     .await;
     run.stop().await;
@@ -492,7 +500,7 @@ async fn an_errored_batch_is_read_again() {
     assert!(run.counter("rereads") >= 1);
     let want = last.values().next().expect("shard").clone();
     f.wait_leases(30, "checkpoint at the last record", |l| {
-        l.values().all(|(c, _)| *c == want)
+        !l.is_empty() && l.values().all(|(c, _)| *c == want)
     })
     .await;
     run.stop().await;
@@ -772,8 +780,10 @@ async fn starting_position_latest_skips_the_backlog() {
     run.wait(60, "both leases held", |r| r.gauge("leases_held") == 2)
         .await;
     // Let each reader get its LATEST iterator before the new records are put.
-    f.wait_leases(30, "leases owned", |l| l.values().all(|(_, o)| o.is_some()))
-        .await;
+    f.wait_leases(30, "leases owned", |l| {
+        !l.is_empty() && l.values().all(|(_, o)| o.is_some())
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     f.put(100..150, 10).await;
     run.wait(60, "the 50 new records", |r| r.distinct().len() >= 50)
@@ -784,6 +794,54 @@ async fn starting_position_latest_skips_the_backlog() {
         seen,
         (100..150).collect(),
         "only records put after the start"
+    );
+    run.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_that_always_fails_is_dead_lettered_after_max_redeliveries() {
+    let f = fixture("poison", 1).await;
+    let last = f.put(0..20, 1).await;
+    let mut c = config(&f.stream, &f.table);
+    c.max_records = 10;
+    c.max_redeliveries = 2;
+    // The sink fails record 5 every time (its own status), and delivers the others.
+    let run = start(
+        c,
+        Box::new(|_, b| {
+            for r in &mut b.records {
+                if r.field("seq").and_then(|v| v.as_f64()) == Some(5.0) {
+                    r.finalize(BatchStatus::Errored);
+                }
+            }
+            Some(BatchStatus::Delivered)
+        }),
+    )
+    .await;
+    let want = last.values().next().expect("shard").clone();
+    // 1 + 2 failed deliveries, then the dead letter: backoffs of 1 + 2 + 4 s.
+    f.wait_leases(90, "checkpoint past the poison record", |l| {
+        !l.is_empty() && l.values().all(|(c, _)| *c == want)
+    })
+    .await;
+    assert_eq!(run.counter("poisoned"), 1);
+    {
+        let dead = run.dead.lock().expect("lock");
+        let records: Vec<_> = dead.iter().flat_map(|b| &b.records).collect();
+        assert_eq!(records.len(), 1, "only the poison record: {records:?}");
+        let e = records[0].meta.error.as_deref().unwrap_or("");
+        assert!(e.contains("max_redeliveries = 2"), "{e}");
+        assert_eq!(
+            records[0].payload.as_deref(),
+            Some(&br#"{"seq":5,"key":"k0"}"#[..])
+        );
+    }
+    let seen = run.seen();
+    assert_all(&run.distinct(), 20);
+    assert_eq!(
+        seen.iter().filter(|s| **s == 5).count(),
+        3,
+        "record 5 delivered 1 + max_redeliveries times before the dead letter: {seen:?}"
     );
     run.stop().await;
 }

@@ -31,6 +31,12 @@
 //! too: at-least-once). On start a shard resumes after its checkpoint (`AFTER_SEQUENCE_NUMBER`),
 //! or from `starting_position` when it has none.
 //!
+//! **Poison records.** Failed deliveries are counted per shard and sequence number (after a
+//! failure, each record read again carries its own status too, so only the records that fail
+//! again are counted). A record that failed more than `max_redeliveries` times (default 10,
+//! 0 = unlimited) goes to `dead_letter` with the reason and the count instead, and the
+//! checkpoint moves past it once that resolves (metric `poisoned`).
+//!
 //! **Leases.** Items are KCL-style: `leaseKey` (shard id), `checkpoint`, `leaseOwner`,
 //! `leaseCounter`, `parentShardId`. An instance increments the counters of its leases with
 //! conditional writes; a lease whose counter has not moved for `lease_timeout` belongs to a dead
@@ -43,7 +49,7 @@
 //!
 //! **Metrics:** `in`, `bytes`, `millis_behind_latest{shard}` (iterator age of each held
 //! shard), `leases_held`, `leases_taken`, `leases_lost`, `checkpoints`, `checkpoint_failures`,
-//! `throttled`, `rereads` (errored batches read again).
+//! `throttled`, `rereads` (errored batches read again), `poisoned`.
 //!
 //! **moto** (the test server) keeps returning an iterator at the end of a closed shard instead
 //! of none; a closed shard (one with an `EndingSequenceNumber`) is therefore also finished when
@@ -65,7 +71,7 @@ use serde::{Deserialize, Serialize};
 use sluice_core::ack::{self, BatchStatus, StatusReceiver};
 use sluice_core::channel::Outputs;
 use sluice_core::config::HumanDuration;
-use sluice_core::decode::{DecodeConfig, Decoded, Decoder};
+use sluice_core::decode::{DecodeConfig, DecodeError, Decoded, Decoder};
 use sluice_core::metrics::ComponentMetrics;
 use sluice_core::record::{intern, Meta, Name, Origin};
 use sluice_core::registry::{BuildContext, SourceConfig};
@@ -76,12 +82,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use self::lease::{Lease, LeaseTable, Observed, Written, LATEST, SHARD_END, TRIM_HORIZON};
+use crate::redelivery::{self, Attempts};
 use crate::sqs::Envelope;
 
 /// Kinesis allows 5 `GetRecords` calls per second per shard.
 const MIN_CALL_GAP: Duration = Duration::from_millis(200);
 /// Batches of one shard waiting for their delivery status; more stops reading the shard.
 const MAX_PENDING_BATCHES: usize = 32;
+/// Records of one shard whose failed deliveries are counted at once (`max_redeliveries`).
+const MAX_WATCHED_RECORDS: usize = 10_000;
 /// Backoff after `ProvisionedThroughputExceeded`, doubling up to [`MAX_THROTTLE_BACKOFF`].
 const THROTTLE_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_THROTTLE_BACKOFF: Duration = Duration::from_secs(10);
@@ -162,6 +171,18 @@ pub struct KinesisConfig {
     /// record without it goes to `dead_letter`. Default: none.
     #[serde(default)]
     pub topic_path: Option<String>,
+    /// A record whose delivery failed (a sink gave up with a transient error) more than this
+    /// many times is sent to `dead_letter`, with the reason and the count, and checkpointed
+    /// past, instead of making its shard read it again forever. Failures are counted in memory
+    /// per shard and sequence number (after a failure each record re-read is followed on its
+    /// own, so only records that fail again count; a restart or a lease move starts the count
+    /// again). 0 = unlimited. Default 10.
+    #[serde(default = "default_max_redeliveries")]
+    pub max_redeliveries: u32,
+}
+
+fn default_max_redeliveries() -> u32 {
+    redelivery::DEFAULT_MAX_REDELIVERIES
 }
 
 fn default_max_records() -> i32 {
@@ -195,6 +216,7 @@ impl KinesisConfig {
             decode: DecodeConfig::default(),
             body_path: None,
             topic_path: None,
+            max_redeliveries: default_max_redeliveries(),
         }
     }
 
@@ -703,6 +725,23 @@ struct Pending {
     last: String,
     status: StatusReceiver,
     resolved: Option<BatchStatus>,
+    /// Each Kinesis record's sequence number (`max_redeliveries` counts failures per record)
+    /// and, while records that failed are watched, its own status, so that only the records
+    /// that fail again are counted.
+    own: Vec<(String, Option<StatusReceiver>)>,
+}
+
+impl Pending {
+    /// Counts the failures of this batch's records (after a failure: only the records that
+    /// failed themselves; a delivered batch forgets them).
+    fn settle(&mut self, attempts: &mut Attempts<String>, status: BatchStatus) {
+        let own = std::mem::take(&mut self.own);
+        attempts.settle_batch(
+            own.into_iter()
+                .map(|(seq, s)| (seq, s.and_then(|mut s| s.try_status()))),
+            status,
+        );
+    }
 }
 
 /// Reads one leased shard until its end, `stop`, or a lost lease.
@@ -742,6 +781,9 @@ async fn read_shard(
         _ => None,
     };
     let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut attempts: Attempts<String> =
+        Attempts::new(config.max_redeliveries, MAX_WATCHED_RECORDS);
+    let poisoned = shared.metrics.counter("poisoned");
     let mut iterator: Option<String> = None;
     let mut at_end = false;
     let mut throttle = THROTTLE_BACKOFF;
@@ -756,10 +798,12 @@ async fn read_shard(
             match status {
                 None => break,
                 Some(s) if s.is_ackable() => {
+                    front.settle(&mut attempts, s);
                     delivered = pending.pop_front().map(|p| p.last);
                     reread = REREAD_BACKOFF;
                 }
-                Some(_) => {
+                Some(s) => {
+                    front.settle(&mut attempts, s);
                     errored = true;
                     break;
                 }
@@ -941,6 +985,8 @@ async fn read_shard(
         let received = now_ns();
         let mut decoded = Decoded::with_capacity(records.len());
         let mut bytes = 0;
+        let watching = attempts.is_watching();
+        let mut own = Vec::new();
         for r in records {
             let data = Bytes::from(r.data.into_inner());
             bytes += data.len();
@@ -949,19 +995,52 @@ async fn read_shard(
                 origin: Origin::None,
                 ..Meta::default()
             };
-            match &envelope {
-                // Too big a record is left to the decoder, which dead-letters it unparsed.
-                Some(env) if data.len() as u64 <= config.decode.max_payload.0 => {
-                    match env.open(&data) {
-                        Ok((payload, topic)) => {
-                            decoded.push(&mut decoder, payload, topic.as_deref(), received, meta)
+            let (first, first_dead) = (decoded.records.len(), decoded.dead.len());
+            if attempts.is_exhausted(&r.sequence_number) {
+                let why = redelivery::reason(
+                    attempts.failures(&r.sequence_number),
+                    config.max_redeliveries,
+                );
+                tracing::warn!(source = %name, shard = %shard, sequence = %r.sequence_number, "record dead-lettered: {why}");
+                poisoned.fetch_add(1, Ordering::Relaxed);
+                decoded.dead.push(Decoder::dead_letter(
+                    data,
+                    received,
+                    meta,
+                    &DecodeError(why),
+                ));
+            } else {
+                match &envelope {
+                    // Too big a record is left to the decoder, which dead-letters it unparsed.
+                    Some(env) if data.len() as u64 <= config.decode.max_payload.0 => {
+                        match env.open(&data) {
+                            Ok((payload, topic)) => decoded.push(
+                                &mut decoder,
+                                payload,
+                                topic.as_deref(),
+                                received,
+                                meta,
+                            ),
+                            Err(e) => decoded
+                                .dead
+                                .push(Decoder::dead_letter(data, received, meta, &e)),
                         }
-                        Err(e) => decoded
-                            .dead
-                            .push(Decoder::dead_letter(data, received, meta, &e)),
                     }
+                    _ => decoded.push(&mut decoder, data, None, received, meta),
                 }
-                _ => decoded.push(&mut decoder, data, None, received, meta),
+            }
+            if watching {
+                let (finalizer, status) = ack::batch();
+                for rec in decoded.records[first..]
+                    .iter_mut()
+                    .chain(&mut decoded.dead[first_dead..])
+                {
+                    rec.finalizers.push(finalizer.clone());
+                }
+                finalizer.finish(BatchStatus::Delivered);
+                own.push((r.sequence_number, Some(status)));
+            } else if attempts.enabled() {
+                own.push((r.sequence_number, None));
             }
         }
         shared.metrics.add_bytes(bytes);
@@ -972,6 +1051,7 @@ async fn read_shard(
             last,
             status,
             resolved: None,
+            own,
         });
         let Some(o) = &out else { break };
         tokio::select! {
