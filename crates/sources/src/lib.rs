@@ -2,6 +2,7 @@
 
 pub mod file;
 pub mod kafka;
+pub mod kinesis;
 pub mod mqtt;
 pub mod redelivery;
 pub mod simulator;
@@ -18,5 +19,6 @@ pub fn register(registry: &mut Registry) {
         .source::<stdin::StdinConfig>("stdin")
         .source::<mqtt::MqttSourceConfig>("mqtt")
         .source::<sqs::SqsConfig>("sqs")
-        .source::<kafka::KafkaSourceConfig>("kafka");
+        .source::<kafka::KafkaSourceConfig>("kafka")
+        .source::<kinesis::KinesisConfig>("kinesis");
 }

@@ -294,9 +294,10 @@ impl SqsConfig {
     }
 }
 
-/// Where the record and the topic are inside a JSON body (`body_path`, `topic_path`).
+/// Where the record and the topic are inside a JSON body (`body_path`, `topic_path`); shared
+/// with the `kinesis` source, whose IoT rule envelopes are the same.
 #[derive(Debug, Clone)]
-struct Envelope {
+pub(crate) struct Envelope {
     body: Option<Path>,
     topic: Option<Path>,
 }
@@ -339,21 +340,23 @@ impl Path {
 impl Envelope {
     /// `None` when neither option is set: the body is decoded as it is.
     fn new(c: &SqsConfig) -> Result<Option<Self>, String> {
-        let body = c
-            .body_path
-            .as_deref()
-            .map(|p| Path::parse("body_path", p))
-            .transpose()?;
-        let topic = c
-            .topic_path
-            .as_deref()
+        Self::from_paths(c.body_path.as_deref(), c.topic_path.as_deref())
+    }
+
+    /// From the `body_path` / `topic_path` options; `None` when neither is set.
+    pub(crate) fn from_paths(
+        body_path: Option<&str>,
+        topic_path: Option<&str>,
+    ) -> Result<Option<Self>, String> {
+        let body = body_path.map(|p| Path::parse("body_path", p)).transpose()?;
+        let topic = topic_path
             .map(|p| Path::parse("topic_path", p))
             .transpose()?;
         Ok((body.is_some() || topic.is_some()).then_some(Envelope { body, topic }))
     }
 
     /// Splits a body into the payload to decode and the topic.
-    fn open(&self, body: &[u8]) -> Result<(Bytes, Option<String>), DecodeError> {
+    pub(crate) fn open(&self, body: &[u8]) -> Result<(Bytes, Option<String>), DecodeError> {
         let mut v: Json = serde_json::from_slice(body)
             .map_err(|e| DecodeError(format!("body is not a JSON envelope: {e}")))?;
         let topic = match &self.topic {
@@ -483,13 +486,32 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// [`CONNECT_TIMEOUT`] and [`ATTEMPT_TIMEOUT`] (without them a frozen endpoint stalls a call
 /// forever).
 pub async fn client(region: Option<&str>, endpoint_url: Option<&str>) -> Result<Client, String> {
-    // rustls with ring: the same crypto as the rest of the workspace, no aws-lc C build.
+    let sdk = sdk_config(region).await?;
+    let mut config = aws_sdk_sqs::config::Builder::from(&sdk);
+    // An empty value (`endpoint_url = "${VAR:-}"` with VAR unset) means "not set".
+    if let Some(url) = endpoint_url.filter(|u| !u.is_empty()) {
+        config = config.endpoint_url(url);
+    }
+    Ok(Client::from_conf(config.build()))
+}
+
+/// The AWS SDK settings of the AWS sources: the standard credential chain, `region`, an HTTP
+/// client with rustls + ring (the same crypto as the rest of the workspace, no aws-lc C build),
+/// [`CONNECT_TIMEOUT`] and [`ATTEMPT_TIMEOUT`]. Errors when no region is known.
+pub(crate) async fn sdk_config(region: Option<&str>) -> Result<aws_config::SdkConfig, String> {
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(
             tls::rustls_provider::CryptoMode::Ring,
         ))
         .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .build(),
+        );
     if let Some(region) = region {
         loader = loader.region(Region::new(region.to_string()));
     }
@@ -499,17 +521,7 @@ pub async fn client(region: Option<&str>, endpoint_url: Option<&str>) -> Result<
             "no AWS region: set `region` or AWS_REGION (or a region in the AWS profile)".into(),
         );
     }
-    let mut config = aws_sdk_sqs::config::Builder::from(&sdk).timeout_config(
-        aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-            .build(),
-    );
-    // An empty value (`endpoint_url = "${VAR:-}"` with VAR unset) means "not set".
-    if let Some(url) = endpoint_url.filter(|u| !u.is_empty()) {
-        config = config.endpoint_url(url);
-    }
-    Ok(Client::from_conf(config.build()))
+    Ok(sdk)
 }
 
 #[async_trait]
