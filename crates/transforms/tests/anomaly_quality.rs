@@ -96,9 +96,10 @@ fn generate(cfg: &SimulatorConfig) -> Run {
 fn alerts_of(run: &Run, detector: DetectorConfig) -> Vec<(String, i64, String)> {
     let config = AnomalyConfig {
         fields: vec!["temp".into()],
-        group_by: vec!["device_id".into()],
+        group_by: Some(vec!["device_id".into()]),
         detectors: vec![detector],
         warmup: 30,
+        alert_score: 0.5,
         max_series: 10_000,
         annotate: false,
         state_interval: sluice_transforms::anomaly::default_state_interval(),
@@ -341,7 +342,9 @@ fn detectors_meet_the_quality_bar_on_labelled_simulator_data() {
             spike_score(
                 &run,
                 DetectorConfig::RateOfChange {
-                    max_per_second: 4.0,
+                    k: 4.0,
+                    alpha: 0.02,
+                    max_per_second: Some(4.0),
                 },
             ),
         ),
