@@ -178,6 +178,25 @@ pub enum DetectorConfig {
         #[serde(default)]
         max_per_second: Option<f64>,
     },
+    /// Seasonal baseline: one exponentially weighted mean and variance per time-of-cycle bucket
+    /// (event time, UTC), e.g. per hour of the day (`period = "1d"`, `buckets = 24`) or per
+    /// hour of the week (`period = "7d"`, `buckets = 168`); the score is the z-score against
+    /// the current bucket, so a daily peak is normal at its hour and anomalous at another.
+    /// A bucket scores once it has seen 3 samples (a full period of data).
+    Seasonal {
+        /// Length of the cycle. Default "1d".
+        #[serde(default = "default_period")]
+        period: HumanDuration,
+        /// Buckets per period (at most 10000). Default 24.
+        #[serde(default = "default_buckets")]
+        buckets: usize,
+        /// Smoothing factor of each bucket's mean and variance. Default 0.1.
+        #[serde(default = "default_alpha")]
+        alpha: f64,
+        /// Alert above this many standard deviations from the bucket's mean. Default 4.
+        #[serde(default = "default_zscore")]
+        k: f64,
+    },
     /// The value stays within `tolerance` of the same value for `samples` samples (and at least
     /// `duration`, when set). One alert per stuck period.
     Stuck {
@@ -211,6 +230,12 @@ fn default_zscore() -> f64 {
 fn default_mad() -> f64 {
     5.0
 }
+fn default_period() -> HumanDuration {
+    HumanDuration(Duration::from_secs(86_400))
+}
+fn default_buckets() -> usize {
+    24
+}
 fn default_mad_window() -> usize {
     240
 }
@@ -239,10 +264,14 @@ pub struct AnomalyConfig {
     #[serde(default)]
     pub group_by: Option<Vec<String>>,
     /// Detectors run on every series, e.g. `[{ type = "zscore" }, { type = "stuck" }]`; each
-    /// entry is a table with `type` and that detector's options (listed with their defaults
-    /// under "Detectors" in `sluice components anomaly`). Default: the ensemble
-    /// `[{ type = "ewma" }, { type = "zscore" }, { type = "rate_of_change" }]` (calibrated
-    /// scores, combined by taking the highest).
+    /// entry is a table with `type` and that detector's options. Detectors and their options
+    /// (default): `threshold` min, max (none; one required), hysteresis (0) · `zscore`
+    /// window (60), threshold (4) · `ewma` alpha (0.1), alpha_variance (alpha / 4), k (4) ·
+    /// `mad` window (240), threshold (5) · `rate_of_change` k (4), alpha (0.02),
+    /// max_per_second (none: z-score of the change; set: absolute limit) · `stuck` samples
+    /// (10), duration (none), tolerance (0) · `missing` timeout (required), clock ("wall" or
+    /// "event"). Default: the ensemble `[{ type = "ewma" }, { type = "zscore" },
+    /// { type = "rate_of_change" }]` (calibrated scores, combined by taking the highest).
     #[serde(default = "default_detectors")]
     pub detectors: Vec<DetectorConfig>,
     /// Samples a series needs before zscore, ewma, mad and rate_of_change may fire. Default 30.
@@ -428,6 +457,8 @@ enum State {
         /// Moments of the past changes per second (the z-score mode).
         moments: Moments,
     },
+    /// Per bucket of the cycle.
+    Seasonal(Vec<Moments>),
     Stuck {
         value: f64,
         run: usize,
@@ -449,6 +480,9 @@ struct Series {
     /// Per detector: the calibration of its raw scores (unused by the rules).
     calib: Vec<Calib>,
 }
+
+/// Samples a `seasonal` bucket needs before it scores.
+const SEASONAL_MIN: u64 = 3;
 
 /// Consecutive out-of-band samples that enter the zscore / ewma baselines clamped to the
 /// alert boundary: a spike of up to this many samples does not inflate the spread (and blind
@@ -772,6 +806,25 @@ impl Detector {
                         return Err(Error::option(cx, opt("k"), "must be positive"));
                     }
                 }
+                DetectorConfig::Seasonal {
+                    period,
+                    buckets,
+                    alpha,
+                    k,
+                } => {
+                    if period.0 < Duration::from_secs(1) {
+                        return Err(Error::option(cx, opt("period"), "must be at least 1s"));
+                    }
+                    if !(1..=10_000).contains(buckets) {
+                        return Err(Error::option(cx, opt("buckets"), "must be in 1..=10000"));
+                    }
+                    if !(*alpha > 0.0 && *alpha <= 1.0) {
+                        return Err(Error::option(cx, opt("alpha"), "must be in (0, 1]"));
+                    }
+                    if !(k.is_finite() && *k > 0.0) {
+                        return Err(Error::option(cx, opt("k"), "must be positive"));
+                    }
+                }
                 DetectorConfig::Stuck {
                     samples, tolerance, ..
                 } => {
@@ -889,6 +942,9 @@ impl Detector {
                     prev: None,
                     moments: Moments::default(),
                 },
+                DetectorConfig::Seasonal { buckets, .. } => {
+                    State::Seasonal(vec![Moments::default(); *buckets])
+                }
                 DetectorConfig::Stuck { .. } => State::Stuck {
                     value: f64::NAN,
                     run: 0,
@@ -1414,6 +1470,42 @@ fn score(
                 None => *prev = Some((t, x)),
             },
             (
+                DetectorConfig::Seasonal {
+                    period,
+                    buckets,
+                    alpha,
+                    k,
+                },
+                State::Seasonal(moments),
+            ) => {
+                let period = i64::try_from(period.0.as_nanos()).unwrap_or(i64::MAX);
+                let phase = t.rem_euclid(period) as f64 / period as f64;
+                let b = ((phase * *buckets as f64) as usize).min(buckets - 1);
+                let Some(m) = moments.get_mut(b) else {
+                    continue;
+                };
+                let std = m.var.sqrt();
+                let mut x_in = xs;
+                if warmed && m.n >= SEASONAL_MIN && std > 0.0 {
+                    let z = (xs - m.mean).abs() / std;
+                    let (lo, hi) = (m.mean - k * std, m.mean + k * std);
+                    let out = judge(
+                        &mut v,
+                        calib,
+                        limits,
+                        "seasonal",
+                        z,
+                        *k,
+                        (lo + shift, hi + shift),
+                        || format!("{z:.1} sigma from the usual at this time of the cycle > {k}"),
+                    );
+                    x_in = protect(calib, out, xs, lo, hi);
+                }
+                if !repeat {
+                    m.push(x_in, *alpha);
+                }
+            }
+            (
                 DetectorConfig::Stuck {
                     samples,
                     duration,
@@ -1812,6 +1904,60 @@ mod tests {
         assert!(
             scores[60..100].iter().any(|(s, _)| *s > 0.0),
             "not just 0 / 1"
+        );
+    }
+
+    /// A daily peak at noon is routine for the seasonal baseline (and not for a plain
+    /// z-score), while the same value at 3 am is an anomaly.
+    #[test]
+    fn seasonal_learns_a_daily_peak_and_flags_it_at_the_wrong_hour() {
+        // 12 days of 5-minute samples: about 20 at night, 50 from 12:00 to 13:00.
+        let mut values = Vec::new();
+        for i in 0..12 * 288 {
+            let minute = (i % 288) * 5;
+            let wiggle = 0.5 * ((i as f64) * 1.7).sin();
+            let peak = if (720..780).contains(&minute) {
+                30.0
+            } else {
+                0.0
+            };
+            values.push(20.0 + wiggle + peak);
+        }
+        let odd = 11 * 288 + 36; // day 11, 03:00
+        values[odd] += 30.0;
+        let run = |d: DetectorConfig| -> Vec<usize> {
+            let mut det = detector(vec![d], |c| c.warmup = 30);
+            let mut at = Vec::new();
+            for (i, x) in values.iter().enumerate() {
+                let mut out = TransformOutput::default();
+                let t = i as f64 * 300.0;
+                det.process(Batch::new(vec![temp(t, "d1", *x)]), &mut out);
+                if !take(&mut out, ANOMALIES).is_empty() {
+                    at.push(i);
+                }
+            }
+            at
+        };
+        let seasonal = run(DetectorConfig::Seasonal {
+            period: default_period(),
+            buckets: 24,
+            alpha: 0.1,
+            k: 4.0,
+        });
+        let after_learning: Vec<usize> =
+            seasonal.iter().copied().filter(|i| *i >= 4 * 288).collect();
+        assert_eq!(after_learning, vec![odd], "seasonal: {seasonal:?}");
+        let plain = run(DetectorConfig::Zscore {
+            window: 60,
+            threshold: 4.0,
+        });
+        assert!(
+            plain
+                .iter()
+                .filter(|i| **i >= 4 * 288 && **i != odd)
+                .count()
+                >= 7,
+            "a plain z-score alerts at the daily peaks: {plain:?}"
         );
     }
 

@@ -99,6 +99,9 @@ enum StateSnap {
         #[serde(default)]
         moments: Moments,
     },
+    Seasonal {
+        buckets: Vec<Moments>,
+    },
     Stuck {
         value: f64,
         run: usize,
@@ -360,6 +363,9 @@ impl StateSnap {
                 prev: *prev,
                 moments: *moments,
             },
+            State::Seasonal(buckets) => StateSnap::Seasonal {
+                buckets: buckets.clone(),
+            },
             State::Stuck {
                 value,
                 run,
@@ -384,6 +390,7 @@ impl StateSnap {
             StateSnap::RateOfChange { prev, moments } => {
                 prev.is_none_or(|(_, x)| x.is_finite()) && moments.is_finite()
             }
+            StateSnap::Seasonal { buckets } => buckets.iter().all(Moments::is_finite),
             StateSnap::Stuck { value, .. } => value.is_finite(),
             StateSnap::Threshold { .. } | StateSnap::Missing => true,
         }
@@ -432,6 +439,11 @@ impl StateSnap {
                 since,
                 alerted,
             },
+            (DetectorConfig::Seasonal { buckets: n, .. }, StateSnap::Seasonal { buckets })
+                if buckets.len() == *n =>
+            {
+                State::Seasonal(buckets)
+            }
             (DetectorConfig::Missing { .. }, StateSnap::Missing) => State::None,
             _ => return None,
         })
