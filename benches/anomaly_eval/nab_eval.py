@@ -29,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,11 @@ def run_sluice(sluice, workdir, input_path, detectors, options):
     pipeline = os.path.join(workdir, "pipeline.toml")
     with open(pipeline, "w") as f:
         f.write("\n".join(lines) + "\n")
-    env = dict(os.environ, SLUICE_DATA_DIR=os.path.join(workdir, "data"))
+    # A fresh state directory every run: the stage restores a snapshot taken with the same
+    # options, which would carry the end of the previous run into this one (look-ahead).
+    data_dir = os.path.join(workdir, "data")
+    shutil.rmtree(data_dir, ignore_errors=True)
+    env = dict(os.environ, SLUICE_DATA_DIR=data_dir)
     subprocess.run([sluice, "run", pipeline], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     scores, flags = {}, {}

@@ -15,7 +15,8 @@ use sluice_core::registry::{BuildContext, TransformConfig};
 use sluice_core::topology::now_ns;
 use sluice_core::transform::{Transform, TransformOutput};
 use sluice_transforms::anomaly::{
-    default_state_interval, AnomalyConfig, Clock, Detector, DetectorConfig, ANOMALIES, STATE_FILE,
+    default_state_interval, AnomalyConfig, Clock, Combine, Detector, DetectorConfig, ANOMALIES,
+    STATE_FILE,
 };
 
 const S: i64 = 1_000_000_000;
@@ -35,6 +36,7 @@ fn config(detectors: Vec<DetectorConfig>) -> AnomalyConfig {
         detectors,
         warmup: 20,
         alert_score: 0.5,
+        combine: Combine::Mean,
         max_series: 1000,
         annotate: false,
         state_interval: default_state_interval(),

@@ -24,8 +24,9 @@
 //! (rolling median / median absolute deviation, robust), `rate_of_change` (z-score of the change
 //! per second, or an absolute limit), `stuck` (value unchanged for N samples and optionally T
 //! time) and `missing` (a group silent for `timeout` raises one "offline" alert from the timer,
-//! one "back online" when it reports). Without `detectors`, an ensemble of ewma, zscore and
-//! rate_of_change runs: set `type = "anomaly"` and `fields`, nothing else.
+//! one "back online" when it reports), and `seasonal` (a baseline per time-of-cycle bucket,
+//! e.g. hour of day). Without `detectors`, an ensemble of seasonal and ewma runs: set
+//! `type = "anomaly"` and `fields`, nothing else.
 //!
 //! Scores are calibrated per series: each statistical detector's raw score (a z-like number)
 //! is compared with that detector's own recent raw scores on that series (HTM's "anomaly
@@ -268,10 +269,11 @@ pub struct AnomalyConfig {
     /// (default): `threshold` min, max (none; one required), hysteresis (0) · `zscore`
     /// window (60), threshold (4) · `ewma` alpha (0.1), alpha_variance (alpha / 4), k (4) ·
     /// `mad` window (240), threshold (5) · `rate_of_change` k (4), alpha (0.02),
-    /// max_per_second (none: z-score of the change; set: absolute limit) · `stuck` samples
+    /// max_per_second (none: z-score of the change; set: absolute limit) · `seasonal`
+    /// period ("1d"), buckets (24), alpha (0.1), k (4) · `stuck` samples
     /// (10), duration (none), tolerance (0) · `missing` timeout (required), clock ("wall" or
-    /// "event"). Default: the ensemble `[{ type = "ewma" }, { type = "zscore" },
-    /// { type = "rate_of_change" }]` (calibrated scores, combined by taking the highest).
+    /// "event"). Default: the ensemble `[{ type = "seasonal" }, { type = "ewma" }]`
+    /// (calibrated scores combined as `combine` says).
     #[serde(default = "default_detectors")]
     pub detectors: Vec<DetectorConfig>,
     /// Samples a series needs before zscore, ewma, mad and rate_of_change may fire. Default 30.
@@ -284,6 +286,12 @@ pub struct AnomalyConfig {
     /// this series, whatever its units or noise. Default 0.5.
     #[serde(default = "default_alert_score")]
     pub alert_score: f64,
+    /// How the calibrated scores of several statistical detectors on one series combine into
+    /// the record's score and the alert decision: "mean" (an alert needs the mean score to
+    /// reach `alert_score`: one detector's outlier needs the others' support) or "max" (each
+    /// detector alerts on its own score). Default "mean".
+    #[serde(default)]
+    pub combine: Combine,
     /// Most series (and groups) held; the least recently seen is forgotten. Default 100000.
     #[serde(default = "default_max_series")]
     pub max_series: usize,
@@ -309,6 +317,7 @@ impl AnomalyConfig {
             detectors: default_detectors(),
             warmup: default_warmup(),
             alert_score: default_alert_score(),
+            combine: Combine::default(),
             max_series: default_max_series(),
             annotate: false,
             state_interval: default_state_interval(),
@@ -326,23 +335,20 @@ pub fn default_state_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 
-/// The default detectors: an ensemble of a fast level baseline (ewma), a window baseline
-/// (zscore over 60 samples) and sudden changes (rate_of_change as a z-score).
+/// The default detectors: an ensemble of a time-of-day baseline (seasonal, hourly buckets)
+/// and a fast level baseline (ewma), combined by the mean of their calibrated scores.
 pub fn default_detectors() -> Vec<DetectorConfig> {
     vec![
+        DetectorConfig::Seasonal {
+            period: default_period(),
+            buckets: default_buckets(),
+            alpha: default_alpha(),
+            k: default_zscore(),
+        },
         DetectorConfig::Ewma {
             alpha: default_alpha(),
             alpha_variance: None,
             k: default_zscore(),
-        },
-        DetectorConfig::Zscore {
-            window: default_window(),
-            threshold: default_zscore(),
-        },
-        DetectorConfig::RateOfChange {
-            k: default_zscore(),
-            alpha: default_rate_alpha(),
-            max_per_second: None,
         },
     ]
 }
@@ -567,13 +573,14 @@ impl Calib {
         self.long.is_finite() && self.short.is_finite()
     }
 
-    /// The calibrated score of raw score `raw`, then learns `raw`.
-    fn score(&mut self, raw: f64) -> f64 {
+    /// The standardized deviation of raw score `raw` (its short average) from this series'
+    /// past raw scores, then learns `raw`. [`surprise`] turns it into the calibrated score.
+    fn deviation(&mut self, raw: f64) -> f64 {
         self.short += CALIB_SHORT * (raw - self.short);
         let std = self.long.var.sqrt().max(CALIB_MIN_STD);
-        let score = surprise((self.short - self.long.mean) / std);
+        let u = (self.short - self.long.mean) / std;
         self.long.push_prior(raw, CALIB_ALPHA, CALIB_PRIOR);
-        score
+        u
     }
 }
 
@@ -882,6 +889,7 @@ impl Detector {
             limits: Limits {
                 warmup: config.warmup,
                 alert_score: config.alert_score,
+                combine: config.combine,
             },
             fallback_group: config.group_by.is_none(),
             annotate: config.annotate,
@@ -1064,7 +1072,7 @@ impl Detector {
             let Some(series) = self.series.get_mut(&skey) else {
                 continue;
             };
-            let verdict = score(
+            let (sample_score, findings) = score(
                 &self.detectors,
                 series,
                 &self.limits,
@@ -1072,9 +1080,9 @@ impl Detector {
                 x,
                 &mut self.scratch,
             );
-            top_score = top_score.max(verdict.score);
-            flagged |= !verdict.findings.is_empty();
-            for finding in verdict.findings {
+            top_score = top_score.max(sample_score);
+            flagged |= !findings.is_empty();
+            for finding in findings {
                 let alert = self.alert(&key, idx, r.time, x, finding);
                 raised.push(emit_alert(alert, &r.finalizers, out));
             }
@@ -1226,14 +1234,34 @@ fn protect(calib: &mut Calib, out_of_band: bool, x: f64, lo: f64, hi: f64) -> f6
 /// What the detectors made of one sample.
 #[derive(Debug, Default)]
 struct Verdict {
-    /// The highest calibrated score (1 for a rule's alert), in [0, 1].
-    score: f64,
+    /// 1 when a rule alerted, else 0.
+    rule: f64,
+    /// Largest standardized deviation of the statistical detectors (the `max` combination:
+    /// [`surprise`] is monotonic, so it is computed once, from the largest).
+    max_dev: f64,
+    /// Sum and count of their calibrated scores (the `mean` combination).
+    sum: f64,
+    n: u32,
     findings: SmallVec<[Finding; 1]>,
+    /// Statistical findings, kept or not depending on the combined score.
+    candidates: SmallVec<[Finding; 1]>,
+}
+
+/// How the calibrated scores of several statistical detectors on one series combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// The highest score; each detector alerts on its own score.
+    Max,
+    /// The mean score; a detector alerts only when the mean reaches `alert_score`, so one
+    /// detector's outlier needs the others' support.
+    #[default]
+    Mean,
 }
 
 /// A statistical detector's raw score `raw` (above `threshold` is out of band): calibrates
-/// it, records the score, and pushes a finding when both the raw and calibrated score are
-/// high enough. Returns whether the sample is out of band.
+/// it, records the score, and keeps a candidate finding when the raw score is out of band.
+/// Returns whether the sample is out of band.
 #[allow(clippy::too_many_arguments)]
 fn judge(
     verdict: &mut Verdict,
@@ -1245,19 +1273,44 @@ fn judge(
     band: (f64, f64),
     message: impl FnOnce() -> String,
 ) -> bool {
-    let score = calib.score(raw);
-    verdict.score = verdict.score.max(score);
-    if raw > threshold && score >= limits.alert_score {
-        verdict.findings.push(Finding {
-            detector,
-            score,
-            lo: Some(band.0),
-            hi: Some(band.1),
-            critical: raw >= 2.0 * threshold,
-            message: message(),
-        });
+    let u = calib.deviation(raw);
+    verdict.max_dev = verdict.max_dev.max(u);
+    let mut score = None;
+    if limits.combine == Combine::Mean {
+        let s = surprise(u);
+        verdict.sum += s;
+        score = Some(s);
+    }
+    verdict.n += 1;
+    if raw > threshold {
+        let score = score.unwrap_or_else(|| surprise(u));
+        if limits.combine == Combine::Mean || score >= limits.alert_score {
+            verdict.candidates.push(Finding {
+                detector,
+                score,
+                lo: Some(band.0),
+                hi: Some(band.1),
+                critical: raw >= 2.0 * threshold,
+                message: message(),
+            });
+        }
     }
     raw > threshold
+}
+
+impl Verdict {
+    /// The sample's score in [0, 1] and its findings, once every detector has run.
+    fn finish(mut self, limits: &Limits) -> (f64, SmallVec<[Finding; 1]>) {
+        let combined = match limits.combine {
+            _ if self.n == 0 => 0.0,
+            Combine::Max => surprise(self.max_dev),
+            Combine::Mean => self.sum / f64::from(self.n),
+        };
+        if limits.combine == Combine::Max || combined >= limits.alert_score {
+            self.findings.extend(self.candidates);
+        }
+        (self.rule.max(combined), self.findings)
+    }
 }
 
 /// Options shared by every detector of a stage.
@@ -1265,9 +1318,11 @@ fn judge(
 struct Limits {
     warmup: u64,
     alert_score: f64,
+    combine: Combine,
 }
 
-/// Runs every detector of `series` on sample (`t`, `x`) and updates their state.
+/// Runs every detector of `series` on sample (`t`, `x`) and updates their state. Returns
+/// the sample's score in [0, 1] and the findings.
 fn score(
     detectors: &[DetectorConfig],
     series: &mut Series,
@@ -1275,7 +1330,7 @@ fn score(
     t: i64,
     x: f64,
     scratch: &mut Vec<f64>,
-) -> Verdict {
+) -> (f64, SmallVec<[Finding; 1]>) {
     let mut v = Verdict::default();
     let warmup = limits.warmup;
     let warmed = series.samples >= warmup;
@@ -1318,7 +1373,7 @@ fn score(
                     };
                     let excess = (x - limit).abs();
                     let score = excess / limit.abs().max(1.0);
-                    v.score = 1.0;
+                    v.rule = 1.0;
                     v.findings.push(Finding {
                         detector: "threshold",
                         score,
@@ -1431,7 +1486,7 @@ fn score(
                     let rate = (x - px) / dt;
                     if let Some(max) = max_per_second {
                         if warmed && rate.abs() > *max {
-                            v.score = 1.0;
+                            v.rule = 1.0;
                             v.findings.push(Finding {
                                 detector: "rate_of_change",
                                 score: rate.abs() / max,
@@ -1531,7 +1586,7 @@ fn score(
                 });
                 if !*alerted && *run >= *samples && long_enough {
                     *alerted = true;
-                    v.score = 1.0;
+                    v.rule = 1.0;
                     v.findings.push(Finding {
                         detector: "stuck",
                         score: *run as f64 / *samples as f64,
@@ -1545,7 +1600,7 @@ fn score(
             _ => {}
         }
     }
-    v
+    v.finish(limits)
 }
 
 /// Median of `values` and the scale of the modified z-score: MAD / 0.6745, or, when more
@@ -1704,6 +1759,7 @@ mod tests {
             detectors,
             warmup: 5,
             alert_score: default_alert_score(),
+            combine: Combine::default(),
             max_series: 100,
             annotate: false,
             state_interval: default_state_interval(),
@@ -1904,6 +1960,63 @@ mod tests {
         assert!(
             scores[60..100].iter().any(|(s, _)| *s > 0.0),
             "not just 0 / 1"
+        );
+    }
+
+    /// Scores are calibrated per series: on a sensor whose huge spikes are routine a spike
+    /// scores low and stops alerting, while a modest deviation on a calm sensor scores high
+    /// and alerts: one `alert_score` fits both (raw z-scores would rank them the other way).
+    #[test]
+    fn calibrated_scores_rank_a_calm_series_deviation_above_a_routine_spike() {
+        let mut d = detector(
+            vec![DetectorConfig::Ewma {
+                alpha: 0.1,
+                alpha_variance: None,
+                k: 4.0,
+            }],
+            |c| {
+                c.annotate = true;
+                c.warmup = 20;
+            },
+        );
+        let calm = noisy(2000);
+        let mut spiky = noisy(2000);
+        for (i, x) in spiky.iter_mut().enumerate() {
+            if i % 20 == 10 {
+                *x += 50.0;
+            }
+        }
+        let mut calm_dev = calm.clone();
+        calm_dev[1995] += 3.0;
+        let mut score_of = |dev: &str, i: usize, x: f64| {
+            let mut out = TransformOutput::default();
+            d.process(Batch::new(vec![temp(i as f64, dev, x)]), &mut out);
+            let alerts = take(&mut out, ANOMALIES).len();
+            (
+                f64_field(&take(&mut out, "default")[0], "anomaly_score"),
+                alerts,
+            )
+        };
+        let mut late_spike_alerts = 0;
+        let mut spike_score: f64 = 0.0;
+        let mut calm_score = (0.0, 0);
+        for i in 0..2000 {
+            let (s, alerts) = score_of("spiky", i, spiky[i]);
+            if i >= 1500 && i % 20 == 10 {
+                late_spike_alerts += alerts;
+                spike_score = spike_score.max(s);
+            }
+            let r = score_of("calm", i, calm_dev[i]);
+            if i == 1995 {
+                calm_score = r;
+            }
+        }
+        assert_eq!(late_spike_alerts, 0, "routine spikes stop alerting");
+        assert_eq!(calm_score.1, 1, "the calm sensor's deviation alerts");
+        assert!(
+            calm_score.0 > spike_score,
+            "calm deviation {} > routine spike {spike_score}",
+            calm_score.0
         );
     }
 
@@ -2456,6 +2569,7 @@ mod tests {
                 detectors: vec![d],
                 warmup: 0,
                 alert_score: 0.5,
+                combine: Combine::Max,
                 max_series: 10,
                 annotate: false,
                 state_interval: default_state_interval(),
