@@ -890,6 +890,7 @@ impl Detector {
                 warmup: config.warmup,
                 alert_score: config.alert_score,
                 combine: config.combine,
+                annotate: config.annotate,
             },
             fallback_group: config.group_by.is_none(),
             annotate: config.annotate,
@@ -1239,11 +1240,12 @@ struct Verdict {
     /// Largest standardized deviation of the statistical detectors (the `max` combination:
     /// [`surprise`] is monotonic, so it is computed once, from the largest).
     max_dev: f64,
-    /// Sum and count of their calibrated scores (the `mean` combination).
-    sum: f64,
-    n: u32,
+    /// Their standardized deviations (the `mean` combination), turned into scores only when
+    /// needed: [`surprise`] costs a few transcendental functions.
+    devs: SmallVec<[f64; 4]>,
     findings: SmallVec<[Finding; 1]>,
-    /// Statistical findings, kept or not depending on the combined score.
+    /// Statistical findings, kept or not depending on the combined score; `score` holds the
+    /// standardized deviation until [`Verdict::finish`].
     candidates: SmallVec<[Finding; 1]>,
 }
 
@@ -1275,19 +1277,12 @@ fn judge(
 ) -> bool {
     let u = calib.deviation(raw);
     verdict.max_dev = verdict.max_dev.max(u);
-    let mut score = None;
-    if limits.combine == Combine::Mean {
-        let s = surprise(u);
-        verdict.sum += s;
-        score = Some(s);
-    }
-    verdict.n += 1;
+    verdict.devs.push(u);
     if raw > threshold {
-        let score = score.unwrap_or_else(|| surprise(u));
-        if limits.combine == Combine::Mean || score >= limits.alert_score {
+        if limits.combine == Combine::Mean || surprise(u) >= limits.alert_score {
             verdict.candidates.push(Finding {
                 detector,
-                score,
+                score: u,
                 lo: Some(band.0),
                 hi: Some(band.1),
                 critical: raw >= 2.0 * threshold,
@@ -1299,15 +1294,23 @@ fn judge(
 }
 
 impl Verdict {
-    /// The sample's score in [0, 1] and its findings, once every detector has run.
-    fn finish(mut self, limits: &Limits) -> (f64, SmallVec<[Finding; 1]>) {
+    /// The sample's score in [0, 1] and its findings, once every detector has run. The score
+    /// is computed only when `needed` (annotation) or when a detector is out of band.
+    fn finish(mut self, limits: &Limits, needed: bool) -> (f64, SmallVec<[Finding; 1]>) {
+        if self.devs.is_empty() || (!needed && self.candidates.is_empty()) {
+            return (self.rule, self.findings);
+        }
         let combined = match limits.combine {
-            _ if self.n == 0 => 0.0,
             Combine::Max => surprise(self.max_dev),
-            Combine::Mean => self.sum / f64::from(self.n),
+            Combine::Mean => {
+                self.devs.iter().map(|u| surprise(*u)).sum::<f64>() / self.devs.len() as f64
+            }
         };
         if limits.combine == Combine::Max || combined >= limits.alert_score {
-            self.findings.extend(self.candidates);
+            for mut f in self.candidates {
+                f.score = surprise(f.score);
+                self.findings.push(f);
+            }
         }
         (self.rule.max(combined), self.findings)
     }
@@ -1319,6 +1322,8 @@ struct Limits {
     warmup: u64,
     alert_score: f64,
     combine: Combine,
+    /// Records are annotated: every sample's score is needed.
+    annotate: bool,
 }
 
 /// Runs every detector of `series` on sample (`t`, `x`) and updates their state. Returns
@@ -1600,7 +1605,7 @@ fn score(
             _ => {}
         }
     }
-    v.finish(limits)
+    v.finish(limits, limits.annotate)
 }
 
 /// Median of `values` and the scale of the modified z-score: MAD / 0.6745, or, when more
