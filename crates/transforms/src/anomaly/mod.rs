@@ -17,7 +17,9 @@
 //! A series is one field of one group (`dev-0001/temp`). Records pass through unchanged on the
 //! default output (or annotated with `anomaly` / `anomaly_score` when `annotate = true`); alerts
 //! are new records on the `anomalies` output with tags = group tags and fields `series`,
-//! `field`, `detector`, `value`, `expected_min`, `expected_max`, `score`, `severity`, `message`.
+//! `field`, `detector`, `value`, `expected_min`, `expected_max`, `score`, `severity`, `message`
+//! (`score`: the calibrated score in [0, 1) for the statistical detectors, the relative excess
+//! for `threshold`; `severity` "critical" from twice the detector's threshold).
 //!
 //! Detectors: `threshold` (fixed limits, one alert per excursion thanks to hysteresis), `zscore`
 //! (rolling window mean/stddev), `ewma` (exponentially weighted mean/variance, k-sigma), `mad`
@@ -1278,17 +1280,15 @@ fn judge(
     let u = calib.deviation(raw);
     verdict.max_dev = verdict.max_dev.max(u);
     verdict.devs.push(u);
-    if raw > threshold {
-        if limits.combine == Combine::Mean || surprise(u) >= limits.alert_score {
-            verdict.candidates.push(Finding {
-                detector,
-                score: u,
-                lo: Some(band.0),
-                hi: Some(band.1),
-                critical: raw >= 2.0 * threshold,
-                message: message(),
-            });
-        }
+    if raw > threshold && (limits.combine == Combine::Mean || surprise(u) >= limits.alert_score) {
+        verdict.candidates.push(Finding {
+            detector,
+            score: u,
+            lo: Some(band.0),
+            hi: Some(band.1),
+            critical: raw >= 2.0 * threshold,
+            message: message(),
+        });
     }
     raw > threshold
 }
