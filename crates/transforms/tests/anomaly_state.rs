@@ -15,7 +15,8 @@ use sluice_core::registry::{BuildContext, TransformConfig};
 use sluice_core::topology::now_ns;
 use sluice_core::transform::{Transform, TransformOutput};
 use sluice_transforms::anomaly::{
-    default_state_interval, AnomalyConfig, Clock, Detector, DetectorConfig, ANOMALIES, STATE_FILE,
+    default_state_interval, AnomalyConfig, Clock, Combine, Detector, DetectorConfig, ANOMALIES,
+    STATE_FILE,
 };
 
 const S: i64 = 1_000_000_000;
@@ -31,9 +32,11 @@ fn cx(dir: &Path) -> BuildContext {
 fn config(detectors: Vec<DetectorConfig>) -> AnomalyConfig {
     AnomalyConfig {
         fields: vec!["temp".into()],
-        group_by: vec!["device_id".into()],
+        group_by: Some(vec!["device_id".into()]),
         detectors,
         warmup: 20,
+        alert_score: 0.5,
+        combine: Combine::Mean,
         max_series: 1000,
         annotate: false,
         state_interval: default_state_interval(),
@@ -496,7 +499,7 @@ fn a_corrupt_or_foreign_snapshot_is_ignored_with_a_warning() {
         "{warnings:?}"
     );
     let mut regrouped = config(spike_detectors());
-    regrouped.group_by = vec!["site".into()];
+    regrouped.group_by = Some(vec!["site".into()]);
     assert_eq!(build_watching(&regrouped, dir.path()).0, 0);
 
     // Options that do not change the meaning of the state (warm-up, caps) keep it.

@@ -17,20 +17,36 @@
 //! A series is one field of one group (`dev-0001/temp`). Records pass through unchanged on the
 //! default output (or annotated with `anomaly` / `anomaly_score` when `annotate = true`); alerts
 //! are new records on the `anomalies` output with tags = group tags and fields `series`,
-//! `field`, `detector`, `value`, `expected_min`, `expected_max`, `score`, `severity`, `message`.
+//! `field`, `detector`, `value`, `expected_min`, `expected_max`, `score`, `severity`, `message`
+//! (`score`: the calibrated score in [0, 1) for the statistical detectors, the relative excess
+//! for `threshold`; `severity` "critical" from twice the detector's threshold).
 //!
 //! Detectors: `threshold` (fixed limits, one alert per excursion thanks to hysteresis), `zscore`
 //! (rolling window mean/stddev), `ewma` (exponentially weighted mean/variance, k-sigma), `mad`
-//! (rolling median / median absolute deviation, robust), `rate_of_change` (units per second),
-//! `stuck` (value unchanged for N samples and optionally T time) and `missing` (a group silent
-//! for `timeout` raises one "offline" alert from the timer, one "back online" when it reports).
+//! (rolling median / median absolute deviation, robust), `rate_of_change` (z-score of the change
+//! per second, or an absolute limit), `stuck` (value unchanged for N samples and optionally T
+//! time) and `missing` (a group silent for `timeout` raises one "offline" alert from the timer,
+//! one "back online" when it reports), and `seasonal` (a baseline per time-of-cycle bucket,
+//! e.g. hour of day). Without `detectors`, an ensemble of seasonal and ewma runs: set
+//! `type = "anomaly"` and `fields`, nothing else.
 //!
-//! The statistical detectors (zscore, ewma, mad, rate_of_change) stay silent for the first
-//! `warmup` samples of a series (ewma builds an exact mean and variance meanwhile). Anomalous
-//! values enter the zscore and ewma baselines clamped to the alert boundary, so one spike does
-//! not blind the detector to the next one; exact repeats of the previous value (a stuck sensor)
-//! are scored but kept out of the baselines, so a stuck period cannot shrink the spread to
-//! nothing and make the sensor's recovery look like a spike. State is bounded: at
+//! Scores are calibrated per series: each statistical detector's raw score (a z-like number)
+//! is compared with that detector's own recent raw scores on that series (HTM's "anomaly
+//! likelihood" idea): the Gaussian tail probability q of a short average of raw scores against
+//! their long-run mean and spread becomes a score s / (s + 5), s = −log10 q, in [0, 1). One
+//! `alert_score` therefore means the same rarity on every series, whatever its units, noise or
+//! routine spikes. An alert needs the detector's own threshold (`k`, `threshold`) and
+//! `alert_score`; with `annotate = true` every record carries the highest score of its series
+//! (`anomaly_score`), alert or not.
+//!
+//! The statistical detectors stay silent for the first `warmup` samples of a series (ewma builds
+//! an exact mean and variance meanwhile). An out-of-band value enters the zscore, ewma and
+//! rate_of_change baselines clamped to the alert boundary only for the first [`PROTECT`]
+//! consecutive out-of-band samples: a short spike does not blind the detector to the next one,
+//! and a level shift that lasts is learned as it is instead of alerting for a long time. Exact
+//! repeats of the previous value (a stuck sensor) are scored but kept out of the baselines, so
+//! a stuck period cannot shrink the spread to nothing and make the sensor's recovery look like a
+//! spike. State is bounded (O(1) per detector and series, plus the zscore / mad windows): at
 //! most `max_series` series (and as many groups for `missing`), least recently seen evicted.
 //!
 //! Delivery of alerts (at-least-once, like records, with the limits below):
@@ -139,19 +155,50 @@ pub enum DetectorConfig {
         #[serde(default = "default_zscore")]
         k: f64,
     },
-    /// Modified z-score 0.6745·|x − median| / MAD over the previous `window` samples.
+    /// Modified z-score 0.6745·|x − median| / MAD over the previous `window` samples (when
+    /// more than half the window is one value, MAD is 0: 1.2533·mean absolute deviation is
+    /// used instead, so quantized data still scores). Costs O(`window`) per sample.
     Mad {
-        /// Samples in the rolling window. Default 60.
-        #[serde(default = "default_window")]
+        /// Samples in the rolling window. Default 240.
+        #[serde(default = "default_mad_window")]
         window: usize,
         /// Alert above this score. Default 5.
         #[serde(default = "default_mad")]
         threshold: f64,
     },
-    /// |Δvalue / Δt| above `max_per_second`.
+    /// How unusual the change since the previous sample is: the z-score of Δvalue / Δt
+    /// against the series' own exponentially weighted mean and variance of past changes
+    /// (unit-free). With `max_per_second` set, an absolute limit instead (a rule, uncalibrated).
     RateOfChange {
-        /// Largest normal change per second. Required.
-        max_per_second: f64,
+        /// Alert above this many standard deviations of the past changes. Default 4.
+        #[serde(default = "default_zscore")]
+        k: f64,
+        /// Smoothing factor of the mean and variance of the changes. Default 0.02.
+        #[serde(default = "default_rate_alpha")]
+        alpha: f64,
+        /// Largest normal change per second, in the data's units: an absolute limit replacing
+        /// the z-score. Default: none.
+        #[serde(default)]
+        max_per_second: Option<f64>,
+    },
+    /// Seasonal baseline: one exponentially weighted mean and variance per time-of-cycle bucket
+    /// (event time, UTC), e.g. per hour of the day (`period = "1d"`, `buckets = 24`) or per
+    /// hour of the week (`period = "7d"`, `buckets = 168`); the score is the z-score against
+    /// the current bucket, so a daily peak is normal at its hour and anomalous at another.
+    /// A bucket scores once it has seen 3 samples (a full period of data).
+    Seasonal {
+        /// Length of the cycle. Default "1d".
+        #[serde(default = "default_period")]
+        period: HumanDuration,
+        /// Buckets per period (at most 10000). Default 24.
+        #[serde(default = "default_buckets")]
+        buckets: usize,
+        /// Smoothing factor of each bucket's mean and variance. Default 0.1.
+        #[serde(default = "default_alpha")]
+        alpha: f64,
+        /// Alert above this many standard deviations from the bucket's mean. Default 4.
+        #[serde(default = "default_zscore")]
+        k: f64,
     },
     /// The value stays within `tolerance` of the same value for `samples` samples (and at least
     /// `duration`, when set). One alert per stuck period.
@@ -186,6 +233,18 @@ fn default_zscore() -> f64 {
 fn default_mad() -> f64 {
     5.0
 }
+fn default_period() -> HumanDuration {
+    HumanDuration(Duration::from_secs(86_400))
+}
+fn default_buckets() -> usize {
+    24
+}
+fn default_mad_window() -> usize {
+    240
+}
+fn default_rate_alpha() -> f64 {
+    0.02
+}
 fn default_alpha() -> f64 {
     0.1
 }
@@ -201,20 +260,46 @@ pub struct AnomalyConfig {
     /// goes to `dead_letter`. Default [] (only `missing` then makes sense).
     #[serde(default)]
     pub fields: Vec<String>,
-    /// Tags identifying a group (device). Default ["device_id"].
-    #[serde(default = "default_group_by")]
-    pub group_by: Vec<String>,
-    /// Detectors run on every series, e.g. `[{ type = "zscore" }, { type = "stuck" }]`.
-    /// Required (at least one).
+    /// Tags identifying a group (device); a record without one of them goes to `dead_letter`.
+    /// Default: ["device_id"], except that a record without a `device_id` tag is not
+    /// dead-lettered but joins the group of its MQTT / Kafka topic (one group for all
+    /// untagged records without a topic); its alerts carry that topic as `device_id`.
+    #[serde(default)]
+    pub group_by: Option<Vec<String>>,
+    /// Detectors run on every series, e.g. `[{ type = "zscore" }, { type = "stuck" }]`; each
+    /// entry is a table with `type` and that detector's options. Detectors and their options
+    /// (default): `threshold` min, max (none; one required), hysteresis (0) · `zscore`
+    /// window (60), threshold (4) · `ewma` alpha (0.1), alpha_variance (alpha / 4), k (4) ·
+    /// `mad` window (240), threshold (5) · `rate_of_change` k (4), alpha (0.02),
+    /// max_per_second (none: z-score of the change; set: absolute limit) · `seasonal`
+    /// period ("1d"), buckets (24), alpha (0.1), k (4) · `stuck` samples
+    /// (10), duration (none), tolerance (0) · `missing` timeout (required), clock ("wall" or
+    /// "event"). Default: the ensemble `[{ type = "seasonal" }, { type = "ewma" }]`
+    /// (calibrated scores combined as `combine` says).
+    #[serde(default = "default_detectors")]
     pub detectors: Vec<DetectorConfig>,
     /// Samples a series needs before zscore, ewma, mad and rate_of_change may fire. Default 30.
     #[serde(default = "default_warmup")]
     pub warmup: u64,
+    /// Calibrated score in [0, 1] a statistical detector (zscore, ewma, mad, rate_of_change
+    /// without `max_per_second`) must also reach to alert, on top of its own threshold. The
+    /// score is the surprise of the detector's raw score against that series' own recent raw
+    /// scores: s / (s + 5) with s = −log10(Gaussian tail probability), so 0.5 is a 1-in-100000 event for
+    /// this series, whatever its units or noise. Default 0.5.
+    #[serde(default = "default_alert_score")]
+    pub alert_score: f64,
+    /// How the calibrated scores of several statistical detectors on one series combine into
+    /// the record's score and the alert decision: "mean" (an alert needs the mean score to
+    /// reach `alert_score`: one detector's outlier needs the others' support) or "max" (each
+    /// detector alerts on its own score). Default "mean".
+    #[serde(default)]
+    pub combine: Combine,
     /// Most series (and groups) held; the least recently seen is forgotten. Default 100000.
     #[serde(default = "default_max_series")]
     pub max_series: usize,
-    /// Set `anomaly` (bool) and `anomaly_score` (highest score, 0 when none) on passing
-    /// records. Default false.
+    /// Set `anomaly` (bool: an alert was raised) and `anomaly_score` (continuous, in [0, 1]:
+    /// the highest calibrated score of the record's series, 1 for a rule's alert; computed on
+    /// every record, independent of the alert thresholds) on passing records. Default false.
     #[serde(default)]
     pub annotate: bool,
     /// How often the baselines and the heartbeat table are snapshotted to
@@ -224,9 +309,50 @@ pub struct AnomalyConfig {
     pub state_interval: HumanDuration,
 }
 
+impl AnomalyConfig {
+    /// A configuration watching `fields` with every other option at its default (the
+    /// default detector ensemble).
+    pub fn for_fields(fields: &[&str]) -> Self {
+        AnomalyConfig {
+            fields: fields.iter().map(|f| f.to_string()).collect(),
+            group_by: None,
+            detectors: default_detectors(),
+            warmup: default_warmup(),
+            alert_score: default_alert_score(),
+            combine: Combine::default(),
+            max_series: default_max_series(),
+            annotate: false,
+            state_interval: default_state_interval(),
+        }
+    }
+
+    /// The `group_by` tags in effect.
+    pub fn group_tags(&self) -> Vec<String> {
+        self.group_by.clone().unwrap_or_else(default_group_by)
+    }
+}
+
 /// The default `state_interval`: 30 s.
 pub fn default_state_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
+}
+
+/// The default detectors: an ensemble of a time-of-day baseline (seasonal, hourly buckets)
+/// and a fast level baseline (ewma), combined by the mean of their calibrated scores.
+pub fn default_detectors() -> Vec<DetectorConfig> {
+    vec![
+        DetectorConfig::Seasonal {
+            period: default_period(),
+            buckets: default_buckets(),
+            alpha: default_alpha(),
+            k: default_zscore(),
+        },
+        DetectorConfig::Ewma {
+            alpha: default_alpha(),
+            alpha_variance: None,
+            k: default_zscore(),
+        },
+    ]
 }
 
 fn default_group_by() -> Vec<String> {
@@ -234,6 +360,9 @@ fn default_group_by() -> Vec<String> {
 }
 fn default_warmup() -> u64 {
     30
+}
+fn default_alert_score() -> f64 {
+    0.5
 }
 fn default_max_series() -> usize {
     100_000
@@ -257,8 +386,8 @@ struct Finding {
     score: f64,
     lo: Option<f64>,
     hi: Option<f64>,
-    /// Score at which the alert becomes critical.
-    critical: f64,
+    /// Severity "critical" rather than "warning".
+    critical: bool,
     message: String,
 }
 
@@ -333,7 +462,11 @@ enum State {
     Mad(Ring),
     Rate {
         prev: Option<(i64, f64)>,
+        /// Moments of the past changes per second (the z-score mode).
+        moments: Moments,
     },
+    /// Per bucket of the cycle.
+    Seasonal(Vec<Moments>),
     Stuck {
         value: f64,
         run: usize,
@@ -352,6 +485,142 @@ struct Series {
     /// The series' first value: statistics are kept on `x − shift`.
     shift: f64,
     states: Vec<State>,
+    /// Per detector: the calibration of its raw scores (unused by the rules).
+    calib: Vec<Calib>,
+}
+
+/// Samples a `seasonal` bucket needs before it scores.
+const SEASONAL_MIN: u64 = 3;
+
+/// Consecutive out-of-band samples that enter the zscore / ewma baselines clamped to the
+/// alert boundary: a spike of up to this many samples does not inflate the spread (and blind
+/// the detector to the next one); a level shift that lasts longer is learned as it is.
+pub const PROTECT: u32 = 3;
+
+/// Exponentially weighted mean and variance that start exact: the weight of a new sample is
+/// max(1/n, alpha), so the first 1/alpha samples give the plain mean and (population)
+/// variance and later ones forget the past at rate alpha.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Moments {
+    pub(crate) n: u64,
+    pub(crate) mean: f64,
+    pub(crate) var: f64,
+}
+
+impl Moments {
+    fn push(&mut self, x: f64, alpha: f64) {
+        self.n += 1;
+        let a = (1.0 / self.n as f64).max(alpha);
+        let d = x - self.mean;
+        self.mean += a * d;
+        self.var = (1.0 - a) * (self.var + a * d * d);
+    }
+
+    fn is_finite(&self) -> bool {
+        self.mean.is_finite() && self.var.is_finite() && self.var >= 0.0
+    }
+
+    /// Like [`Moments::push`], the starting mean and variance counting as `prior` samples.
+    fn push_prior(&mut self, x: f64, alpha: f64, prior: f64) {
+        self.n += 1;
+        let a = (1.0 / (self.n as f64 + prior)).max(alpha);
+        let d = x - self.mean;
+        self.mean += a * d;
+        self.var = (1.0 - a) * (self.var + a * d * d);
+    }
+}
+
+/// Smoothing of the long-run moments of a detector's raw scores (≈ the last 300 scores).
+const CALIB_ALPHA: f64 = 0.003;
+/// Smoothing of the short-run average of raw scores compared with them.
+const CALIB_SHORT: f64 = 0.5;
+/// Weight of the prior distribution of raw scores, in samples (see [`Calib::default`]).
+const CALIB_PRIOR: f64 = 100.0;
+/// Smallest spread of raw scores assumed (raw scores are z-like, in standard deviations).
+const CALIB_MIN_STD: f64 = 0.1;
+
+/// Calibration of one detector's raw scores on one series, in the spirit of HTM's "anomaly
+/// likelihood": a short average of the raw scores is compared with the long-run mean and
+/// spread of that series' raw scores, and the Gaussian tail probability q of the difference
+/// becomes the score s / (s + 5) with s = −log10(q) (see [`surprise`]). A series whose large raw scores are
+/// routine (recurring spikes) learns them; a calm series' first spike scores 1.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Calib {
+    pub(crate) long: Moments,
+    pub(crate) short: f64,
+    /// Consecutive out-of-band samples (the protection window of zscore / ewma).
+    #[serde(default)]
+    pub(crate) out_run: u32,
+}
+
+impl Default for Calib {
+    /// Starts from the distribution of |z| for Gaussian noise (mean √(2/π) ≈ 0.8, variance
+    /// 1 − 2/π ≈ 0.36), worth [`CALIB_PRIOR`] scores: one early spike does not make the
+    /// next one look routine.
+    fn default() -> Self {
+        Calib {
+            long: Moments {
+                n: 0,
+                mean: 0.8,
+                var: 0.36,
+            },
+            short: 0.8,
+            out_run: 0,
+        }
+    }
+}
+
+impl Calib {
+    fn is_finite(&self) -> bool {
+        self.long.is_finite() && self.short.is_finite()
+    }
+
+    /// The standardized deviation of raw score `raw` (its short average) from this series'
+    /// past raw scores, then learns `raw`. [`surprise`] turns it into the calibrated score.
+    fn deviation(&mut self, raw: f64) -> f64 {
+        self.short += CALIB_SHORT * (raw - self.short);
+        let std = self.long.var.sqrt().max(CALIB_MIN_STD);
+        let u = (self.short - self.long.mean) / std;
+        self.long.push_prior(raw, CALIB_ALPHA, CALIB_PRIOR);
+        u
+    }
+}
+
+/// The score of a standardized deviation `u`: with s = −log10 of its upper Gaussian tail
+/// probability (the "decades of surprise"), s / (s + 5), in [0, 1): 0.5 is a 1-in-100000
+/// event, 0.67 one in 10^10; never saturates, so even extreme scores keep their ranking.
+fn surprise(u: f64) -> f64 {
+    if u <= 0.0 {
+        return 0.0;
+    }
+    // For large u the tail underflows; its logarithm is asymptotically −u²/2 − ln(u√(2π)).
+    let s = if u < 30.0 {
+        -(0.5 * erfc(u / std::f64::consts::SQRT_2)).log10()
+    } else {
+        (u * u / 2.0 + (u * (2.0 * std::f64::consts::PI).sqrt()).ln()) / std::f64::consts::LN_10
+    };
+    s / (s + 5.0)
+}
+
+/// Complementary error function (Numerical Recipes' Chebyshev fit, relative error < 1.2e-7
+/// everywhere, including far in the tail).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = t * poly.exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
 }
 
 #[derive(Debug)]
@@ -379,6 +648,8 @@ struct Raised {
     time: i64,
     values: SmallVec<[Option<u64>; 4]>,
     top_score: f64,
+    /// A detector flagged the reading (its `anomaly` annotation).
+    flagged: bool,
     /// Each alert as emitted (without finalizers) and the outcome of its last emission.
     alerts: SmallVec<[(Record, Watch); 1]>,
 }
@@ -426,7 +697,9 @@ pub struct Detector {
     group_by: GroupBy,
     detectors: Vec<DetectorConfig>,
     missing: Option<(i64, Clock)>,
-    warmup: u64,
+    limits: Limits,
+    /// `group_by` is the default: a record without `device_id` joins its topic's group.
+    fallback_group: bool,
     annotate: bool,
     series: LruCache<(GroupKey, u16), Series>,
     heartbeats: LruCache<GroupKey, Heartbeat>,
@@ -527,9 +800,38 @@ impl Detector {
                         return Err(Error::option(cx, opt("k"), "must be positive"));
                     }
                 }
-                DetectorConfig::RateOfChange { max_per_second } => {
-                    if !(max_per_second.is_finite() && *max_per_second > 0.0) {
+                DetectorConfig::RateOfChange {
+                    k,
+                    alpha,
+                    max_per_second,
+                } => {
+                    if max_per_second.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
                         return Err(Error::option(cx, opt("max_per_second"), "must be positive"));
+                    }
+                    if !(*alpha > 0.0 && *alpha <= 1.0) {
+                        return Err(Error::option(cx, opt("alpha"), "must be in (0, 1]"));
+                    }
+                    if !(k.is_finite() && *k > 0.0) {
+                        return Err(Error::option(cx, opt("k"), "must be positive"));
+                    }
+                }
+                DetectorConfig::Seasonal {
+                    period,
+                    buckets,
+                    alpha,
+                    k,
+                } => {
+                    if period.0 < Duration::from_secs(1) {
+                        return Err(Error::option(cx, opt("period"), "must be at least 1s"));
+                    }
+                    if !(1..=10_000).contains(buckets) {
+                        return Err(Error::option(cx, opt("buckets"), "must be in 1..=10000"));
+                    }
+                    if !(*alpha > 0.0 && *alpha <= 1.0) {
+                        return Err(Error::option(cx, opt("alpha"), "must be in (0, 1]"));
+                    }
+                    if !(k.is_finite() && *k > 0.0) {
+                        return Err(Error::option(cx, opt("k"), "must be positive"));
                     }
                 }
                 DetectorConfig::Stuck {
@@ -574,16 +876,25 @@ impl Detector {
         }
         let cap = NonZeroUsize::new(config.max_series)
             .ok_or_else(|| Error::option(cx, "max_series", "must be at least 1"))?;
+        if !(config.alert_score >= 0.0 && config.alert_score <= 1.0) {
+            return Err(Error::option(cx, "alert_score", "must be in [0, 1]"));
+        }
         if config.state_interval.0 < Duration::from_secs(1) {
             return Err(Error::option(cx, "state_interval", "must be at least 1s"));
         }
         let mut detector = Detector {
             name: cx.name.clone(),
             fields: config.fields.iter().map(|f| intern(f)).collect(),
-            group_by: GroupBy::new(&config.group_by),
+            group_by: GroupBy::new(&config.group_tags()),
             detectors: config.detectors.clone(),
             missing,
-            warmup: config.warmup,
+            limits: Limits {
+                warmup: config.warmup,
+                alert_score: config.alert_score,
+                combine: config.combine,
+                annotate: config.annotate,
+            },
+            fallback_group: config.group_by.is_none(),
             annotate: config.annotate,
             series: LruCache::new(cap),
             heartbeats: LruCache::new(cap),
@@ -638,7 +949,13 @@ impl Detector {
                     m2: 0.0,
                 },
                 DetectorConfig::Mad { window, .. } => State::Mad(Ring::new(*window)),
-                DetectorConfig::RateOfChange { .. } => State::Rate { prev: None },
+                DetectorConfig::RateOfChange { .. } => State::Rate {
+                    prev: None,
+                    moments: Moments::default(),
+                },
+                DetectorConfig::Seasonal { buckets, .. } => {
+                    State::Seasonal(vec![Moments::default(); *buckets])
+                }
                 DetectorConfig::Stuck { .. } => State::Stuck {
                     value: f64::NAN,
                     run: 0,
@@ -653,6 +970,7 @@ impl Detector {
             last: f64::NAN,
             shift: first,
             states,
+            calib: vec![Calib::default(); self.detectors.len()],
         }
     }
 
@@ -686,6 +1004,14 @@ impl Detector {
     fn accept(&mut self, mut r: Record, wall: i64, out: &mut TransformOutput) {
         let key = match self.group_by.key(&r) {
             Ok(k) => k,
+            Err(_) if self.fallback_group => {
+                let group = r
+                    .meta
+                    .topic()
+                    .map(Arc::<str>::from)
+                    .unwrap_or_else(|| Arc::from(""));
+                GroupKey::from_iter([group])
+            }
             Err(e) => return self.invalid(r, e, out),
         };
         let values = match self.values(&r) {
@@ -694,13 +1020,16 @@ impl Detector {
         };
         let fingerprint: SmallVec<[Option<u64>; 4]> =
             values.iter().map(|v| v.map(f64::to_bits)).collect();
-        if let Some(top_score) = self.redelivered(&key, r.time, &fingerprint, &r.finalizers, out) {
-            self.annotate(&mut r, top_score);
+        if let Some((top_score, flagged)) =
+            self.redelivered(&key, r.time, &fingerprint, &r.finalizers, out)
+        {
+            self.annotate(&mut r, top_score, flagged);
             out.push(r);
             return;
         }
         self.max_event = self.max_event.max(r.time);
         let mut top_score: f64 = 0.0;
+        let mut flagged = false;
         // Alerts derived from this reading hold (clones of) its finalizers: the reading is
         // acknowledged only once its alerts are delivered too (see the module docs).
         let mut raised: SmallVec<[(Record, Watch); 1]> = SmallVec::new();
@@ -746,16 +1075,17 @@ impl Detector {
             let Some(series) = self.series.get_mut(&skey) else {
                 continue;
             };
-            let findings = score(
+            let (sample_score, findings) = score(
                 &self.detectors,
                 series,
-                self.warmup,
+                &self.limits,
                 r.time,
                 x,
                 &mut self.scratch,
             );
+            top_score = top_score.max(sample_score);
+            flagged |= !findings.is_empty();
             for finding in findings {
-                top_score = top_score.max(finding.score);
                 let alert = self.alert(&key, idx, r.time, x, finding);
                 raised.push(emit_alert(alert, &r.finalizers, out));
             }
@@ -767,17 +1097,18 @@ impl Detector {
                     time: r.time,
                     values: fingerprint,
                     top_score,
+                    flagged,
                     alerts: raised,
                 },
             );
         }
-        self.annotate(&mut r, top_score);
+        self.annotate(&mut r, top_score, flagged);
         out.push(r);
     }
 
-    fn annotate(&self, r: &mut Record, top_score: f64) {
+    fn annotate(&self, r: &mut Record, top_score: f64, flagged: bool) {
         if self.annotate {
-            r.set_field_named(&self.names.anomaly, Value::Bool(top_score > 0.0));
+            r.set_field_named(&self.names.anomaly, Value::Bool(flagged));
             r.set_field_named(&self.names.anomaly_score, Value::F64(top_score));
         }
     }
@@ -792,7 +1123,7 @@ impl Detector {
         values: &SmallVec<[Option<u64>; 4]>,
         reading: &Finalizers,
         out: &mut TransformOutput,
-    ) -> Option<f64> {
+    ) -> Option<(f64, bool)> {
         let list = self.raised.get_mut(key)?;
         let Some(entry) = list
             .iter_mut()
@@ -816,7 +1147,7 @@ impl Detector {
                 Some(_) => {}
             }
         }
-        Some(entry.top_score)
+        Some((entry.top_score, entry.flagged))
     }
 
     fn remember(&mut self, key: GroupKey, raised: Raised) {
@@ -846,11 +1177,7 @@ impl Detector {
         let mut r = Record::new(time);
         r.tags = self.group_by.tags_of(key);
         let series = format!("{}/{}", GroupBy::display(key), field_name);
-        let severity = if f.score >= f.critical {
-            "critical"
-        } else {
-            "warning"
-        };
+        let severity = if f.critical { "critical" } else { "warning" };
         let n = &self.names;
         let opt = |v: Option<f64>| v.map_or(Value::Null, Value::F64);
         r.fields = vec![
@@ -892,26 +1219,139 @@ impl Detector {
     }
 }
 
-/// Runs every detector of `series` on sample (`t`, `x`) and updates their state.
+/// Where an out-of-band sample enters a zscore / ewma baseline: clamped to the band for the
+/// first [`PROTECT`] consecutive out-of-band samples, as it is afterwards (a level shift).
+fn protect(calib: &mut Calib, out_of_band: bool, x: f64, lo: f64, hi: f64) -> f64 {
+    if !out_of_band {
+        calib.out_run = 0;
+        return x;
+    }
+    calib.out_run = calib.out_run.saturating_add(1);
+    if calib.out_run <= PROTECT {
+        x.clamp(lo, hi)
+    } else {
+        x
+    }
+}
+
+/// What the detectors made of one sample.
+#[derive(Debug, Default)]
+struct Verdict {
+    /// 1 when a rule alerted, else 0.
+    rule: f64,
+    /// Largest standardized deviation of the statistical detectors (the `max` combination:
+    /// [`surprise`] is monotonic, so it is computed once, from the largest).
+    max_dev: f64,
+    /// Their standardized deviations (the `mean` combination), turned into scores only when
+    /// needed: [`surprise`] costs a few transcendental functions.
+    devs: SmallVec<[f64; 4]>,
+    findings: SmallVec<[Finding; 1]>,
+    /// Statistical findings, kept or not depending on the combined score; `score` holds the
+    /// standardized deviation until [`Verdict::finish`].
+    candidates: SmallVec<[Finding; 1]>,
+}
+
+/// How the calibrated scores of several statistical detectors on one series combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// The highest score; each detector alerts on its own score.
+    Max,
+    /// The mean score; a detector alerts only when the mean reaches `alert_score`, so one
+    /// detector's outlier needs the others' support.
+    #[default]
+    Mean,
+}
+
+/// A statistical detector's raw score `raw` (above `threshold` is out of band): calibrates
+/// it, records the score, and keeps a candidate finding when the raw score is out of band.
+/// Returns whether the sample is out of band.
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    verdict: &mut Verdict,
+    calib: &mut Calib,
+    limits: &Limits,
+    detector: &'static str,
+    raw: f64,
+    threshold: f64,
+    band: (f64, f64),
+    message: impl FnOnce() -> String,
+) -> bool {
+    let u = calib.deviation(raw);
+    verdict.max_dev = verdict.max_dev.max(u);
+    verdict.devs.push(u);
+    if raw > threshold && (limits.combine == Combine::Mean || surprise(u) >= limits.alert_score) {
+        verdict.candidates.push(Finding {
+            detector,
+            score: u,
+            lo: Some(band.0),
+            hi: Some(band.1),
+            critical: raw >= 2.0 * threshold,
+            message: message(),
+        });
+    }
+    raw > threshold
+}
+
+impl Verdict {
+    /// The sample's score in [0, 1] and its findings, once every detector has run. The score
+    /// is computed only when `needed` (annotation) or when a detector is out of band.
+    fn finish(mut self, limits: &Limits, needed: bool) -> (f64, SmallVec<[Finding; 1]>) {
+        if self.devs.is_empty() || (!needed && self.candidates.is_empty()) {
+            return (self.rule, self.findings);
+        }
+        let combined = match limits.combine {
+            Combine::Max => surprise(self.max_dev),
+            Combine::Mean => {
+                self.devs.iter().map(|u| surprise(*u)).sum::<f64>() / self.devs.len() as f64
+            }
+        };
+        if limits.combine == Combine::Max || combined >= limits.alert_score {
+            for mut f in self.candidates {
+                f.score = surprise(f.score);
+                self.findings.push(f);
+            }
+        }
+        (self.rule.max(combined), self.findings)
+    }
+}
+
+/// Options shared by every detector of a stage.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    warmup: u64,
+    alert_score: f64,
+    combine: Combine,
+    /// Records are annotated: every sample's score is needed.
+    annotate: bool,
+}
+
+/// Runs every detector of `series` on sample (`t`, `x`) and updates their state. Returns
+/// the sample's score in [0, 1] and the findings.
 fn score(
     detectors: &[DetectorConfig],
     series: &mut Series,
-    warmup: u64,
+    limits: &Limits,
     t: i64,
     x: f64,
     scratch: &mut Vec<f64>,
-) -> SmallVec<[Finding; 1]> {
-    let mut findings = SmallVec::new();
+) -> (f64, SmallVec<[Finding; 1]>) {
+    let mut v = Verdict::default();
+    let warmup = limits.warmup;
     let warmed = series.samples >= warmup;
     let shift = series.shift;
     let xs = x - shift;
     series.samples += 1;
     // A stuck sensor repeats one value; letting the repeats into a baseline would shrink its
     // spread to zero and turn the sensor's recovery into a false spike. Repeats are scored but
-    // do not update zscore, ewma or mad.
+    // do not update zscore, ewma, mad or rate_of_change.
     let repeat = x == series.last;
     series.last = x;
-    for (d, state) in detectors.iter().zip(series.states.iter_mut()) {
+    for ((d, state), calib) in detectors
+        .iter()
+        .zip(series.states.iter_mut())
+        .zip(series.calib.iter_mut())
+    {
         match (d, state) {
             (
                 DetectorConfig::Threshold {
@@ -937,12 +1377,14 @@ fn score(
                         _ => (x, "outside"),
                     };
                     let excess = (x - limit).abs();
-                    findings.push(Finding {
+                    let score = excess / limit.abs().max(1.0);
+                    v.rule = 1.0;
+                    v.findings.push(Finding {
                         detector: "threshold",
-                        score: excess / limit.abs().max(1.0),
+                        score,
                         lo: *min,
                         hi: *max,
-                        critical: 0.1,
+                        critical: score >= 0.1,
                         message: format!("{x} {word} {limit}"),
                     });
                 }
@@ -953,17 +1395,17 @@ fn score(
                     if warmed && std > 0.0 {
                         let z = (xs - mean).abs() / std;
                         let (lo, hi) = (mean - threshold * std, mean + threshold * std);
-                        if z > *threshold {
-                            findings.push(Finding {
-                                detector: "zscore",
-                                score: z,
-                                lo: Some(lo + shift),
-                                hi: Some(hi + shift),
-                                critical: 2.0 * threshold,
-                                message: format!("z-score {z:.1} > {threshold}"),
-                            });
-                        }
-                        insert = xs.clamp(lo, hi);
+                        let out = judge(
+                            &mut v,
+                            calib,
+                            limits,
+                            "zscore",
+                            z,
+                            *threshold,
+                            (lo + shift, hi + shift),
+                            || format!("z-score {z:.1} > {threshold}"),
+                        );
+                        insert = protect(calib, out, xs, lo, hi);
                     }
                 }
                 if !repeat {
@@ -995,17 +1437,17 @@ fn score(
                 if warmed && std > 0.0 {
                     let z = (xs - *mean).abs() / std;
                     let (lo, hi) = (*mean - k * std, *mean + k * std);
-                    if z > *k {
-                        findings.push(Finding {
-                            detector: "ewma",
-                            score: z,
-                            lo: Some(lo + shift),
-                            hi: Some(hi + shift),
-                            critical: 2.0 * k,
-                            message: format!("{z:.1} sigma from the EWMA > {k}"),
-                        });
-                    }
-                    x_in = xs.clamp(lo, hi);
+                    let out = judge(
+                        &mut v,
+                        calib,
+                        limits,
+                        "ewma",
+                        z,
+                        *k,
+                        (lo + shift, hi + shift),
+                        || format!("{z:.1} sigma from the EWMA > {k}"),
+                    );
+                    x_in = protect(calib, out, xs, lo, hi);
                 }
                 if repeat {
                     continue;
@@ -1017,46 +1459,110 @@ fn score(
             }
             (DetectorConfig::Mad { threshold, .. }, State::Mad(ring)) => {
                 if warmed && ring.values.len() >= 3 {
-                    if let Some((median, mad)) = median_mad(&ring.values, scratch) {
-                        if mad > 0.0 {
-                            let z = 0.6745 * (xs - median).abs() / mad;
-                            if z > *threshold {
-                                let half = threshold * mad / 0.6745;
-                                findings.push(Finding {
-                                    detector: "mad",
-                                    score: z,
-                                    lo: Some(median - half + shift),
-                                    hi: Some(median + half + shift),
-                                    critical: 2.0 * threshold,
-                                    message: format!("modified z-score {z:.1} > {threshold}"),
-                                });
-                            }
-                        }
+                    if let Some((median, scale)) = median_scale(&ring.values, scratch) {
+                        let z = (xs - median).abs() / scale;
+                        let half = threshold * scale;
+                        judge(
+                            &mut v,
+                            calib,
+                            limits,
+                            "mad",
+                            z,
+                            *threshold,
+                            (median - half + shift, median + half + shift),
+                            || format!("modified z-score {z:.1} > {threshold}"),
+                        );
                     }
                 }
                 if !repeat {
                     ring.push(xs);
                 }
             }
-            (DetectorConfig::RateOfChange { max_per_second }, State::Rate { prev }) => {
-                match *prev {
-                    Some((pt, px)) if t > pt => {
-                        let dt = (t - pt) as f64 / 1e9;
-                        let rate = (x - px) / dt;
-                        if warmed && rate.abs() > *max_per_second {
-                            findings.push(Finding {
+            (
+                DetectorConfig::RateOfChange {
+                    k,
+                    alpha,
+                    max_per_second,
+                },
+                State::Rate { prev, moments },
+            ) => match *prev {
+                Some((pt, px)) if t > pt => {
+                    let dt = (t - pt) as f64 / 1e9;
+                    let rate = (x - px) / dt;
+                    if let Some(max) = max_per_second {
+                        if warmed && rate.abs() > *max {
+                            v.rule = 1.0;
+                            v.findings.push(Finding {
                                 detector: "rate_of_change",
-                                score: rate.abs() / max_per_second,
-                                lo: Some(px - max_per_second * dt),
-                                hi: Some(px + max_per_second * dt),
-                                critical: 2.0,
-                                message: format!("changing {rate:.3}/s, limit {max_per_second}/s"),
+                                score: rate.abs() / max,
+                                lo: Some(px - max * dt),
+                                hi: Some(px + max * dt),
+                                critical: rate.abs() >= 2.0 * max,
+                                message: format!("changing {rate:.3}/s, limit {max}/s"),
                             });
                         }
-                        *prev = Some((t, x));
+                    } else {
+                        let std = moments.var.sqrt();
+                        let mut rate_in = rate;
+                        if warmed && moments.n >= 2 && std > 0.0 {
+                            let mean = moments.mean;
+                            let z = (rate - mean).abs() / std;
+                            let (lo, hi) = (mean - k * std, mean + k * std);
+                            let out = judge(
+                                &mut v,
+                                calib,
+                                limits,
+                                "rate_of_change",
+                                z,
+                                *k,
+                                (px + lo * dt, px + hi * dt),
+                                || format!("change {rate:.3}/s is {z:.1} sigma from the usual"),
+                            );
+                            rate_in = protect(calib, out, rate, lo, hi);
+                        }
+                        if !repeat {
+                            moments.push(rate_in, *alpha);
+                        }
                     }
-                    Some(_) => {} // out of order or same instant: no rate
-                    None => *prev = Some((t, x)),
+                    *prev = Some((t, x));
+                }
+                Some(_) => {} // out of order or same instant: no rate
+                None => *prev = Some((t, x)),
+            },
+            (
+                DetectorConfig::Seasonal {
+                    period,
+                    buckets,
+                    alpha,
+                    k,
+                },
+                State::Seasonal(moments),
+            ) => {
+                let period = i64::try_from(period.0.as_nanos()).unwrap_or(i64::MAX);
+                let phase = t.rem_euclid(period) as f64 / period as f64;
+                let b = ((phase * *buckets as f64) as usize).min(buckets - 1);
+                let Some(m) = moments.get_mut(b) else {
+                    continue;
+                };
+                let std = m.var.sqrt();
+                let mut x_in = xs;
+                if warmed && m.n >= SEASONAL_MIN && std > 0.0 {
+                    let z = (xs - m.mean).abs() / std;
+                    let (lo, hi) = (m.mean - k * std, m.mean + k * std);
+                    let out = judge(
+                        &mut v,
+                        calib,
+                        limits,
+                        "seasonal",
+                        z,
+                        *k,
+                        (lo + shift, hi + shift),
+                        || format!("{z:.1} sigma from the usual at this time of the cycle > {k}"),
+                    );
+                    x_in = protect(calib, out, xs, lo, hi);
+                }
+                if !repeat {
+                    m.push(x_in, *alpha);
                 }
             }
             (
@@ -1085,12 +1591,13 @@ fn score(
                 });
                 if !*alerted && *run >= *samples && long_enough {
                     *alerted = true;
-                    findings.push(Finding {
+                    v.rule = 1.0;
+                    v.findings.push(Finding {
                         detector: "stuck",
                         score: *run as f64 / *samples as f64,
                         lo: None,
                         hi: None,
-                        critical: f64::INFINITY,
+                        critical: false,
                         message: format!("value {x} unchanged for {run} samples"),
                     });
                 }
@@ -1098,7 +1605,20 @@ fn score(
             _ => {}
         }
     }
-    findings
+    v.finish(limits, limits.annotate)
+}
+
+/// Median of `values` and the scale of the modified z-score: MAD / 0.6745, or, when more
+/// than half the values are equal (MAD = 0, common on quantized data), 1.2533 × the mean
+/// absolute deviation. `None` when every value is the same.
+fn median_scale(values: &VecDeque<f64>, scratch: &mut Vec<f64>) -> Option<(f64, f64)> {
+    let (median, mad) = median_mad(values, scratch)?;
+    if mad > 0.0 {
+        return Some((median, mad / 0.6745));
+    }
+    // `scratch` holds the absolute deviations (reordered).
+    let mean_ad = scratch.iter().sum::<f64>() / scratch.len() as f64;
+    (mean_ad > 0.0).then_some((median, 1.253_314 * mean_ad))
 }
 
 /// Median and median absolute deviation of `values` (no allocation after warm-up).
@@ -1240,9 +1760,11 @@ mod tests {
     fn detector(detectors: Vec<DetectorConfig>, f: impl FnOnce(&mut AnomalyConfig)) -> Detector {
         let mut c = AnomalyConfig {
             fields: vec!["temp".into()],
-            group_by: default_group_by(),
+            group_by: None,
             detectors,
             warmup: 5,
+            alert_score: default_alert_score(),
+            combine: Combine::default(),
             max_series: 100,
             annotate: false,
             state_interval: default_state_interval(),
@@ -1333,7 +1855,7 @@ mod tests {
         let at: Vec<usize> = alerts.iter().map(|(i, _)| *i).collect();
         assert_eq!(at, vec![50, 53]);
         let a = &alerts[0].1;
-        assert!(f64_field(a, "score") > 8.0, "a large spike is critical");
+        assert!(f64_field(a, "score") > 0.8, "a large spike scores near 1");
         assert_eq!(str_field(a, "severity"), "critical");
         assert!(f64_field(a, "expected_min") < 20.0 && f64_field(a, "expected_max") > 20.0);
     }
@@ -1371,6 +1893,192 @@ mod tests {
         assert_eq!(at, vec![50, 53]);
     }
 
+    /// A level shift is learned, not fought: once it has lasted longer than the protection
+    /// window the new level enters the baseline as it is, so the alerts stop after a few
+    /// samples (clamped to the alert boundary, the old baselines kept alerting for dozens).
+    #[test]
+    fn a_level_shift_is_learned_after_the_protection_window() {
+        let mut v = noisy(200);
+        for x in &mut v[100..] {
+            *x += 10.0;
+        }
+        for d in [
+            DetectorConfig::Zscore {
+                window: 30,
+                threshold: 4.0,
+            },
+            DetectorConfig::Ewma {
+                alpha: 0.1,
+                alpha_variance: None,
+                k: 4.0,
+            },
+        ] {
+            let mut det = detector(vec![d.clone()], |c| c.warmup = 20);
+            let at: Vec<usize> = feed(&mut det, &v).iter().map(|(i, _)| *i).collect();
+            assert!(
+                at.first() == Some(&100),
+                "{d:?}: the shift is flagged: {at:?}"
+            );
+            assert!(
+                at.len() <= 2 * PROTECT as usize && at.iter().all(|i| *i < 110),
+                "{d:?}: alerts stop soon after the shift: {at:?}"
+            );
+        }
+    }
+
+    /// With `annotate`, every record after the warm-up carries a continuous score in [0, 1]
+    /// that does not depend on the alert threshold: it ranks a mild deviation above the calm
+    /// samples without an alert, and a spike near 1.
+    #[test]
+    fn annotate_gives_a_continuous_score_on_every_record() {
+        let mut d = detector(
+            vec![DetectorConfig::Ewma {
+                alpha: 0.1,
+                alpha_variance: None,
+                k: 4.0,
+            }],
+            |c| {
+                c.annotate = true;
+                c.warmup = 20;
+            },
+        );
+        let mut v = noisy(120);
+        v[100] += 0.6; // ≈ 3 sigma: unusual, below the alert threshold
+        v[110] += 10.0;
+        let mut scores = Vec::new();
+        for (i, x) in v.iter().enumerate() {
+            let mut out = TransformOutput::default();
+            d.process(Batch::new(vec![temp(i as f64, "d1", *x)]), &mut out);
+            let r = take(&mut out, "default").remove(0);
+            let s = f64_field(&r, "anomaly_score");
+            assert!((0.0..=1.0).contains(&s), "score {s} at {i}");
+            scores.push((s, r.field("anomaly") == Some(&Value::Bool(true))));
+        }
+        let calm = scores[60..100].iter().map(|(s, _)| *s).fold(0.0, f64::max);
+        assert!(!scores[100].1, "no alert for the mild deviation");
+        assert!(
+            scores[100].0 > calm,
+            "mild deviation {} ranks above the calm maximum {calm}",
+            scores[100].0
+        );
+        assert!(scores[110].1 && scores[110].0 > 0.8, "{:?}", scores[110]);
+        assert!(
+            scores[60..100].iter().any(|(s, _)| *s > 0.0),
+            "not just 0 / 1"
+        );
+    }
+
+    /// Scores are calibrated per series: on a sensor whose huge spikes are routine a spike
+    /// scores low and stops alerting, while a modest deviation on a calm sensor scores high
+    /// and alerts: one `alert_score` fits both (raw z-scores would rank them the other way).
+    #[test]
+    fn calibrated_scores_rank_a_calm_series_deviation_above_a_routine_spike() {
+        let mut d = detector(
+            vec![DetectorConfig::Ewma {
+                alpha: 0.1,
+                alpha_variance: None,
+                k: 4.0,
+            }],
+            |c| {
+                c.annotate = true;
+                c.warmup = 20;
+            },
+        );
+        let calm = noisy(2000);
+        let mut spiky = noisy(2000);
+        for (i, x) in spiky.iter_mut().enumerate() {
+            if i % 20 == 10 {
+                *x += 50.0;
+            }
+        }
+        let mut calm_dev = calm.clone();
+        calm_dev[1995] += 3.0;
+        let mut score_of = |dev: &str, i: usize, x: f64| {
+            let mut out = TransformOutput::default();
+            d.process(Batch::new(vec![temp(i as f64, dev, x)]), &mut out);
+            let alerts = take(&mut out, ANOMALIES).len();
+            (
+                f64_field(&take(&mut out, "default")[0], "anomaly_score"),
+                alerts,
+            )
+        };
+        let mut late_spike_alerts = 0;
+        let mut spike_score: f64 = 0.0;
+        let mut calm_score = (0.0, 0);
+        for i in 0..2000 {
+            let (s, alerts) = score_of("spiky", i, spiky[i]);
+            if i >= 1500 && i % 20 == 10 {
+                late_spike_alerts += alerts;
+                spike_score = spike_score.max(s);
+            }
+            let r = score_of("calm", i, calm_dev[i]);
+            if i == 1995 {
+                calm_score = r;
+            }
+        }
+        assert_eq!(late_spike_alerts, 0, "routine spikes stop alerting");
+        assert_eq!(calm_score.1, 1, "the calm sensor's deviation alerts");
+        assert!(
+            calm_score.0 > spike_score,
+            "calm deviation {} > routine spike {spike_score}",
+            calm_score.0
+        );
+    }
+
+    /// A daily peak at noon is routine for the seasonal baseline (and not for a plain
+    /// z-score), while the same value at 3 am is an anomaly.
+    #[test]
+    fn seasonal_learns_a_daily_peak_and_flags_it_at_the_wrong_hour() {
+        // 12 days of 5-minute samples: about 20 at night, 50 from 12:00 to 13:00.
+        let mut values = Vec::new();
+        for i in 0..12 * 288 {
+            let minute = (i % 288) * 5;
+            let wiggle = 0.5 * ((i as f64) * 1.7).sin();
+            let peak = if (720..780).contains(&minute) {
+                30.0
+            } else {
+                0.0
+            };
+            values.push(20.0 + wiggle + peak);
+        }
+        let odd = 11 * 288 + 36; // day 11, 03:00
+        values[odd] += 30.0;
+        let run = |d: DetectorConfig| -> Vec<usize> {
+            let mut det = detector(vec![d], |c| c.warmup = 30);
+            let mut at = Vec::new();
+            for (i, x) in values.iter().enumerate() {
+                let mut out = TransformOutput::default();
+                let t = i as f64 * 300.0;
+                det.process(Batch::new(vec![temp(t, "d1", *x)]), &mut out);
+                if !take(&mut out, ANOMALIES).is_empty() {
+                    at.push(i);
+                }
+            }
+            at
+        };
+        let seasonal = run(DetectorConfig::Seasonal {
+            period: default_period(),
+            buckets: 24,
+            alpha: 0.1,
+            k: 4.0,
+        });
+        let after_learning: Vec<usize> =
+            seasonal.iter().copied().filter(|i| *i >= 4 * 288).collect();
+        assert_eq!(after_learning, vec![odd], "seasonal: {seasonal:?}");
+        let plain = run(DetectorConfig::Zscore {
+            window: 60,
+            threshold: 4.0,
+        });
+        assert!(
+            plain
+                .iter()
+                .filter(|i| **i >= 4 * 288 && **i != odd)
+                .count()
+                >= 7,
+            "a plain z-score alerts at the daily peaks: {plain:?}"
+        );
+    }
+
     #[test]
     fn median_and_mad_of_even_and_odd_windows() {
         let mut scratch = Vec::new();
@@ -1400,7 +2108,9 @@ mod tests {
     fn rate_of_change() {
         let mut d = detector(
             vec![DetectorConfig::RateOfChange {
-                max_per_second: 1.0,
+                k: 4.0,
+                alpha: 0.02,
+                max_per_second: Some(1.0),
             }],
             |c| c.warmup = 0,
         );
@@ -1738,7 +2448,10 @@ mod tests {
                 window: 10,
                 threshold: 4.0,
             }],
-            |c| c.max_series = 2,
+            |c| {
+                c.max_series = 2;
+                c.group_by = Some(vec!["device_id".into()]);
+            },
         );
         let mut no_tag = temp(0.0, "x", 1.0);
         no_tag.remove_tag("device_id");
@@ -1767,6 +2480,56 @@ mod tests {
         assert_eq!(d.series_len(), 2);
         assert_eq!(d.stats().evicted_series, 1);
         assert_eq!(d.stats().invalid, 5);
+    }
+
+    /// With `group_by` left at its default, a record without `device_id` is scored in its
+    /// topic's group (one series per topic and field) instead of being dead-lettered; an
+    /// explicit `group_by` still dead-letters it.
+    #[test]
+    fn default_group_by_falls_back_to_the_topic() {
+        let untagged = |secs: f64, topic: &str, t: f64| {
+            let mut r = temp(secs, "x", t);
+            r.remove_tag("device_id");
+            r.meta.origin = sluice_core::record::Origin::Mqtt {
+                topic: Arc::from(topic),
+            };
+            r
+        };
+        let mut d = detector(
+            vec![DetectorConfig::Threshold {
+                min: None,
+                max: Some(30.0),
+                hysteresis: 0.0,
+            }],
+            |_| {},
+        );
+        let mut out = TransformOutput::default();
+        d.process(
+            Batch::new(vec![
+                untagged(0.0, "plant/a", 20.0),
+                untagged(1.0, "plant/b", 20.0),
+                untagged(2.0, "plant/a", 35.0),
+                temp(3.0, "d1", 20.0),
+            ]),
+            &mut out,
+        );
+        assert!(take(&mut out, "dead_letter").is_empty());
+        assert_eq!(take(&mut out, "default").len(), 4);
+        assert_eq!(d.series_len(), 3, "plant/a, plant/b and d1");
+        let alerts = take(&mut out, ANOMALIES);
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].tag("device_id"), Some("plant/a"));
+
+        let mut strict = detector(
+            vec![DetectorConfig::Threshold {
+                min: None,
+                max: Some(30.0),
+                hysteresis: 0.0,
+            }],
+            |c| c.group_by = Some(vec!["device_id".into()]),
+        );
+        strict.process(Batch::new(vec![untagged(0.0, "plant/a", 20.0)]), &mut out);
+        assert_eq!(take(&mut out, "dead_letter").len(), 1);
     }
 
     #[test]
@@ -1807,9 +2570,11 @@ mod tests {
         let bad = |d: DetectorConfig| {
             let c = AnomalyConfig {
                 fields: vec!["temp".into()],
-                group_by: vec![],
+                group_by: Some(vec![]),
                 detectors: vec![d],
                 warmup: 0,
+                alert_score: 0.5,
+                combine: Combine::Max,
                 max_series: 10,
                 annotate: false,
                 state_interval: default_state_interval(),
@@ -1831,7 +2596,14 @@ mod tests {
             threshold: 3.0
         }));
         assert!(bad(DetectorConfig::RateOfChange {
-            max_per_second: f64::NAN
+            k: 4.0,
+            alpha: 0.02,
+            max_per_second: Some(f64::NAN)
+        }));
+        assert!(bad(DetectorConfig::RateOfChange {
+            k: 4.0,
+            alpha: 0.0,
+            max_per_second: None
         }));
         let parsed: AnomalyConfig = toml::from_str(
             r#"

@@ -28,7 +28,8 @@ use sluice_core::topology::now_ns;
 use smallvec::SmallVec;
 
 use super::{
-    AnomalyConfig, Clock, Detector, DetectorConfig, Heartbeat, Raised, Ring, Series, State,
+    AnomalyConfig, Calib, Clock, Detector, DetectorConfig, Heartbeat, Moments, Raised, Ring,
+    Series, State,
 };
 use crate::group::GroupKey;
 
@@ -69,6 +70,10 @@ struct SeriesSnap {
     last: f64,
     shift: f64,
     states: Vec<StateSnap>,
+    /// Per detector: the calibration of its raw scores (absent in older snapshots: the
+    /// calibration then re-warms).
+    #[serde(default)]
+    calib: Vec<Calib>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -91,6 +96,11 @@ enum StateSnap {
     },
     RateOfChange {
         prev: Option<(i64, f64)>,
+        #[serde(default)]
+        moments: Moments,
+    },
+    Seasonal {
+        buckets: Vec<Moments>,
     },
     Stuck {
         value: f64,
@@ -118,6 +128,9 @@ struct RaisedSnap {
     time: i64,
     values: Vec<Option<u64>>,
     top_score: f64,
+    /// A detector flagged the reading.
+    #[serde(default = "flagged_default")]
+    flagged: bool,
     /// Only the alerts not known to be delivered.
     alerts: Vec<AlertSnap>,
 }
@@ -142,7 +155,7 @@ pub(super) struct Persist {
 /// The options a snapshot must have been taken with to be applied.
 fn fingerprint(config: &AnomalyConfig) -> serde_json::Value {
     serde_json::json!({
-        "group_by": config.group_by,
+        "group_by": config.group_tags(),
         "detectors": config.detectors,
     })
 }
@@ -320,6 +333,10 @@ fn lost_watch() -> Watch {
     watch
 }
 
+fn flagged_default() -> bool {
+    true
+}
+
 fn all_finite(xs: &[f64]) -> bool {
     xs.iter().all(|x| x.is_finite())
 }
@@ -342,7 +359,13 @@ impl StateSnap {
             State::Mad(ring) => StateSnap::Mad {
                 values: ring.values.iter().copied().collect(),
             },
-            State::Rate { prev } => StateSnap::RateOfChange { prev: *prev },
+            State::Rate { prev, moments } => StateSnap::RateOfChange {
+                prev: *prev,
+                moments: *moments,
+            },
+            State::Seasonal(buckets) => StateSnap::Seasonal {
+                buckets: buckets.clone(),
+            },
             State::Stuck {
                 value,
                 run,
@@ -364,7 +387,10 @@ impl StateSnap {
         match self {
             StateSnap::Zscore { values } | StateSnap::Mad { values } => all_finite(values),
             StateSnap::Ewma { mean, var, m2, .. } => all_finite(&[*mean, *var, *m2]),
-            StateSnap::RateOfChange { prev } => prev.is_none_or(|(_, x)| x.is_finite()),
+            StateSnap::RateOfChange { prev, moments } => {
+                prev.is_none_or(|(_, x)| x.is_finite()) && moments.is_finite()
+            }
+            StateSnap::Seasonal { buckets } => buckets.iter().all(Moments::is_finite),
             StateSnap::Stuck { value, .. } => value.is_finite(),
             StateSnap::Threshold { .. } | StateSnap::Missing => true,
         }
@@ -396,8 +422,8 @@ impl StateSnap {
             (DetectorConfig::Mad { window, .. }, StateSnap::Mad { values }) => {
                 State::Mad(ring(*window, values))
             }
-            (DetectorConfig::RateOfChange { .. }, StateSnap::RateOfChange { prev }) => {
-                State::Rate { prev }
+            (DetectorConfig::RateOfChange { .. }, StateSnap::RateOfChange { prev, moments }) => {
+                State::Rate { prev, moments }
             }
             (
                 DetectorConfig::Stuck { .. },
@@ -413,6 +439,11 @@ impl StateSnap {
                 since,
                 alerted,
             },
+            (DetectorConfig::Seasonal { buckets: n, .. }, StateSnap::Seasonal { buckets })
+                if buckets.len() == *n =>
+            {
+                State::Seasonal(buckets)
+            }
             (DetectorConfig::Missing { .. }, StateSnap::Missing) => State::None,
             _ => return None,
         })
@@ -520,6 +551,7 @@ impl Detector {
                     time: r.time,
                     values: r.values.into_iter().collect(),
                     top_score: r.top_score,
+                    flagged: r.flagged,
                     alerts,
                 },
             );
@@ -551,6 +583,12 @@ impl Detector {
             .zip(&self.detectors)
             .map(|(st, d)| st.into_state(d))
             .collect::<Option<Vec<State>>>()?;
+        // A calibration per detector, or none at all (an older snapshot): it re-warms.
+        let calib = if s.calib.len() == self.detectors.len() {
+            s.calib
+        } else {
+            vec![Calib::default(); self.detectors.len()]
+        };
         Some((
             s.group,
             Series {
@@ -558,6 +596,7 @@ impl Detector {
                 last: s.last,
                 shift: s.shift,
                 states,
+                calib,
             },
         ))
     }
@@ -581,6 +620,7 @@ impl Detector {
                         .iter()
                         .map(StateSnap::of)
                         .collect::<Option<Vec<_>>>()?,
+                    calib: s.calib.iter().copied().filter(Calib::is_finite).collect(),
                 })
             })
             .collect();
@@ -619,6 +659,7 @@ impl Detector {
                     time: e.time,
                     values: e.values.to_vec(),
                     top_score: e.top_score,
+                    flagged: e.flagged,
                     alerts,
                 })
             })
