@@ -372,6 +372,8 @@ fn aws_iot_backend_pipeline_end_to_end() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines/aws-iot-backend.toml");
     let archive = format!("s3://{bucket}");
     let (dead_file, alerts_file) = (dead.display().to_string(), alerts.display().to_string());
+    // The hot tier's table (created by the pipeline): unique per run on the shared moto.
+    let state_table = format!("{table}-state");
     let sluice = Sluice::start(
         &pipeline,
         &[
@@ -386,6 +388,7 @@ fn aws_iot_backend_pipeline_end_to_end() {
             ("CREATE_TABLE", "true"),
             ("TS_DATABASE", &database),
             ("TS_TABLE", "telemetry"),
+            ("STATE_TABLE", &state_table),
             ("OFFLINE_AFTER", "3s"),
             ("ALERTS_FILE", &alerts_file),
             ("DEAD_LETTER_FILE", &dead_file),
