@@ -120,7 +120,7 @@ pub struct Input {
     /// Set by a disk buffer that closed the input at shutdown with records still on disk.
     abandoned: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// A disk buffer's way to the consumer's `dead_letter` output, for poison records.
-    dead_letter: Option<Arc<std::sync::OnceLock<Outputs>>>,
+    dead_letter: Option<crate::disk_buffer::PoisonOutputs>,
 }
 
 impl Input {
@@ -129,7 +129,7 @@ impl Input {
         rx: mpsc::Receiver<Batch>,
         metrics: Arc<ComponentMetrics>,
         abandoned: Arc<std::sync::atomic::AtomicBool>,
-        dead_letter: Arc<std::sync::OnceLock<Outputs>>,
+        dead_letter: crate::disk_buffer::PoisonOutputs,
     ) -> Input {
         Input {
             rx,
@@ -144,7 +144,7 @@ impl Input {
     /// [`BufferConfig::max_replays`]). A memory buffer needs nothing: its source counts.
     pub fn route_poison_to(&self, outputs: &Outputs) {
         if let Some(slot) = &self.dead_letter {
-            let _ = slot.set(outputs.clone());
+            slot.set(outputs);
         }
     }
 

@@ -50,7 +50,8 @@ impl Sluice {
                         let _ = tx.send(());
                     }
                 }
-                if line.contains("ERROR") || line.contains("WARN") {
+                // Also the binary's own error exit (`Error: …`, from anyhow at the edge).
+                if line.contains("ERROR") || line.contains("WARN") || line.starts_with("Error") {
                     eprintln!("sluice: {line}");
                 }
             }

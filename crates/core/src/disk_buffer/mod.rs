@@ -67,6 +67,26 @@ const LINGER: Duration = Duration::from_millis(20);
 /// Splits whose delivered half is remembered (evidence for the failing half's strikes).
 const SPLITS_REMEMBERED: usize = 1024;
 
+/// The consumer's outputs as the reader holds them, for records that exhausted `max_replays`.
+/// Let go as soon as the reader hands out nothing more: a clone of the consumer's outputs
+/// keeps its downstream inputs open, and they must close for the pipeline to drain.
+#[derive(Debug, Clone, Default)]
+pub struct PoisonOutputs(Arc<Mutex<Option<Outputs>>>);
+
+impl PoisonOutputs {
+    pub(crate) fn set(&self, outputs: &Outputs) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(outputs.clone());
+    }
+
+    fn get(&self) -> Option<Outputs> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn release(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
 /// Why a disk buffer could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskBufferError {
@@ -265,7 +285,7 @@ fn open_blocking(
     let (append_tx, append_rx) = mpsc::channel::<Append>(cap.saturating_mul(8).clamp(16, 1024));
     let (out_tx, out_rx) = mpsc::channel::<Batch>(cap);
     let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let dead_letter = Arc::new(std::sync::OnceLock::new());
+    let dead_letter = PoisonOutputs::default();
 
     let w = WriterTask {
         shared: shared.clone(),
@@ -619,7 +639,7 @@ struct ReaderTask {
     next_split: u64,
     max_replays: u32,
     /// The consumer's outputs, for records that exhausted `max_replays`.
-    dead_letter: Arc<std::sync::OnceLock<Outputs>>,
+    dead_letter: PoisonOutputs,
     runtime: tokio::runtime::Handle,
     poisoned: Arc<AtomicI64>,
     persisted: u64,
@@ -645,6 +665,10 @@ impl ReaderTask {
                     self.lost_floor = Some(self.lost_floor.map_or(start, |f| f.min(start)));
                     self.settle(start);
                 }
+            }
+            if self.tx.is_none() {
+                // Nothing more is handed out or replayed: let downstream close.
+                self.dead_letter.release();
             }
             let mut progressed = self.resolve();
             progressed |= self.replay_due();
@@ -831,7 +855,7 @@ impl ReaderTask {
     /// Sends records that exhausted `max_replays` to the consumer's `dead_letter` output,
     /// tracked like a handed-out batch (released once the dead-letter path resolves).
     fn dead_letter(&mut self, range: Range, mut records: Vec<crate::record::Record>) {
-        let Some(outputs) = self.dead_letter.get().cloned() else {
+        let Some(outputs) = self.dead_letter.get() else {
             // Not wired to a topology (cannot happen in a pipeline): keep replaying.
             *self.unresolved.entry(range.start).or_default() += 1;
             let range = Range {
