@@ -334,10 +334,20 @@ impl Dedupe {
         }
     }
 
-    /// Remembers `r` as the first copy of `key` and watches its outcome.
-    fn remember(&mut self, key: KeyHash, r: &mut Record) {
-        let (finalizer, outcome) = ack::watched();
-        r.finalizers.push(finalizer);
+    /// Remembers `r` as the first copy of `key` and watches its outcome. The first copies of
+    /// one input batch share one watch (`batch_watch`): a window holding them for an hour then
+    /// costs one watch per batch, not per record. A duplicate follows the outcome of its first
+    /// copy's whole batch (the worst status in it): an error anywhere in that batch lets the
+    /// redeliveries of all of it pass, a duplicate never a loss.
+    fn remember(
+        &mut self,
+        key: KeyHash,
+        r: &mut Record,
+        batch_watch: &mut Option<(ack::Finalizer, Watch)>,
+    ) {
+        let (finalizer, outcome) = batch_watch.get_or_insert_with(ack::watched);
+        let outcome = outcome.clone();
+        r.finalizers.push(finalizer.clone());
         let generation = self.next_gen;
         self.next_gen += 1;
         self.seen.insert(
@@ -373,6 +383,7 @@ impl Dedupe {
 impl Transform for Dedupe {
     fn process(&mut self, batch: Batch, out: &mut TransformOutput) {
         let now = now_ns();
+        let mut batch_watch = None;
         for mut r in batch.records {
             if let Some(why) = self.skew.check(r.time, now) {
                 self.future += 1;
@@ -405,10 +416,14 @@ impl Transform for Dedupe {
                 }
                 // New, expired, or the first copy errored (so this is its redelivery).
                 _ => {
-                    self.remember(key, &mut r);
+                    self.remember(key, &mut r, &mut batch_watch);
                     out.push(r);
                 }
             }
+        }
+        if let Some((finalizer, _)) = batch_watch {
+            // The records carry their clones; this holder has nothing to report.
+            finalizer.finish(BatchStatus::Delivered);
         }
         self.expire();
         self.settle();
