@@ -146,6 +146,12 @@ pub struct Decoder {
     config: DecodeConfig,
     topic: Option<TopicPattern>,
     names: HashMap<Box<str>, Name>,
+    /// The top-level keys of the last JSON payload, by position: telemetry repeats its keys
+    /// in the same order, so most lookups are one string comparison instead of a hash.
+    recent: Vec<Name>,
+    /// Tags and fields of the last record: the next one reserves as many (one allocation each).
+    tags_hint: usize,
+    fields_hint: usize,
 }
 
 impl Decoder {
@@ -161,6 +167,9 @@ impl Decoder {
             config,
             topic,
             names: HashMap::new(),
+            recent: Vec::new(),
+            tags_hint: 0,
+            fields_hint: 0,
         })
     }
 
@@ -182,6 +191,23 @@ impl Decoder {
         let n = intern(key);
         if self.names.len() < 4096 {
             self.names.insert(key.into(), n.clone());
+        }
+        n
+    }
+
+    /// [`Decoder::name`] of the `pos`-th top-level key, checked first against the key seen at
+    /// that position in the last payload.
+    fn name_at(&mut self, pos: usize, key: &str) -> Name {
+        if let Some(n) = self.recent.get(pos) {
+            if **n == *key {
+                return n.clone();
+            }
+        }
+        let n = self.name(key);
+        if pos < self.recent.len() {
+            self.recent[pos] = n.clone();
+        } else if pos == self.recent.len() && pos < 64 {
+            self.recent.push(n.clone());
         }
         n
     }
@@ -216,20 +242,24 @@ impl Decoder {
             record.payload = Some(payload);
         }
         if let (Some(pattern), Some(topic)) = (&self.topic, topic) {
-            let mut tags = Vec::new();
-            if !pattern.captures(topic, |n, v| tags.push((n.clone(), Arc::<str>::from(v)))) {
+            // Straight into the record: on a mismatch the record is dropped anyway.
+            let tags = &mut record.tags;
+            let matched = pattern.captures(topic, |n, v| {
+                let v = Arc::<str>::from(v);
+                match tags.iter_mut().find(|(k, _)| k == n) {
+                    Some(slot) => slot.1 = v,
+                    None => tags.push((n.clone(), v)),
+                }
+            });
+            if !matched {
                 return Err(DecodeError(format!(
                     "topic {topic:?} does not match topic_pattern {:?}",
                     pattern.as_str()
                 )));
             }
-            for (n, v) in tags {
-                match record.tags.iter_mut().find(|(k, _)| *k == n) {
-                    Some(slot) => slot.1 = v,
-                    None => record.tags.push((n, v)),
-                }
-            }
         }
+        self.tags_hint = record.tags.len();
+        self.fields_hint = record.fields.len();
         if record.meta.source.is_none() {
             record.meta.source = meta.source;
         }
@@ -290,6 +320,9 @@ impl Decoder {
         // Streams the top-level object straight into the record: no intermediate map of
         // owned keys per message (the hot path of every JSON source).
         let mut record = Record::new(received);
+        // Room for the topic captures too, so they do not grow the vector again.
+        record.tags.reserve(self.tags_hint);
+        record.fields.reserve(self.fields_hint);
         let mut failure: Option<DecodeError> = None;
         let mut de = serde_json::Deserializer::from_slice(payload);
         let visitor = ObjectVisitor {
@@ -314,27 +347,57 @@ impl Decoder {
         Ok(record)
     }
 
-    /// One top-level key of a JSON object.
-    fn json_entry(&mut self, record: &mut Record, key: &str, v: &Json) -> Result<(), DecodeError> {
+    /// The `pos`-th top-level entry of a JSON object.
+    fn json_entry(
+        &mut self,
+        record: &mut Record,
+        pos: usize,
+        key: &str,
+        item: Item<'_>,
+    ) -> Result<(), DecodeError> {
         if key == self.config.time_key {
-            record.time = self.time(v)?;
+            record.time = self.time(item)?;
         } else if self.config.tags.iter().any(|t| t == key) {
-            let s: Arc<str> = match v {
-                Json::String(s) => Arc::from(s.as_str()),
-                Json::Null => return Ok(()),
-                Json::Object(_) | Json::Array(_) => {
+            let s: Arc<str> = match item {
+                Item::Str(s) => Arc::from(&*s),
+                Item::Null => return Ok(()),
+                Item::Nested(_) => {
                     return Err(DecodeError(format!("tag `{key}` must be a scalar")))
                 }
-                other => Arc::from(other.to_string().as_str()),
+                other => Arc::from(other.into_json().to_string().as_str()),
             };
-            let n = self.name(key);
+            let n = self.name_at(pos, key);
             // A repeated key: the last value wins (as with a parsed map).
             match record.tags.iter_mut().find(|(k, _)| *k == n) {
                 Some(slot) => slot.1 = s,
                 None => record.tags.push((n, s)),
             }
         } else {
-            self.add_field(record, key, v);
+            let value = match item {
+                Item::Nested(v) => {
+                    self.add_field(record, key, &v);
+                    return Ok(());
+                }
+                Item::Null => Value::Null,
+                Item::Bool(b) => Value::Bool(b),
+                Item::I64(i) => Value::I64(i),
+                Item::U64(u) => match i64::try_from(u) {
+                    Ok(i) => Value::I64(i),
+                    Err(_) => Value::F64(u as f64),
+                },
+                Item::F64(f) => Value::F64(f),
+                Item::Str(s) => Value::Str(Arc::from(&*s)),
+            };
+            if let Some(only) = &self.config.fields {
+                if !only.iter().any(|f| f == key) {
+                    return Ok(());
+                }
+            }
+            let n = self.name_at(pos, key);
+            match record.fields.iter_mut().find(|(k, _)| *k == n) {
+                Some(slot) => slot.1 = value,
+                None => record.fields.push((n, value)),
+            }
         }
         Ok(())
     }
@@ -363,27 +426,30 @@ impl Decoder {
         }
     }
 
-    fn time(&self, v: &Json) -> Result<i64, DecodeError> {
+    fn time(&self, item: Item<'_>) -> Result<i64, DecodeError> {
         let key = &self.config.time_key;
-        match v {
-            Json::Number(n) => {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                let unit = self.config.time_unit;
-                match n.as_i64() {
-                    Some(i) => unit.int_to_ns(i),
-                    None => unit.to_ns(f),
-                }
-                .map_or_else(
-                    || Err(DecodeError(format!("time `{key}` = {n} is out of range"))),
-                    Ok,
-                )
+        let unit = self.config.time_unit;
+        let out_of_range =
+            |n: &dyn std::fmt::Display| DecodeError(format!("time `{key}` = {n} is out of range"));
+        match item {
+            Item::I64(i) => unit.int_to_ns(i).ok_or_else(|| out_of_range(&i)),
+            Item::U64(u) => match i64::try_from(u) {
+                Ok(i) => unit.int_to_ns(i),
+                Err(_) => unit.to_ns(u as f64),
             }
-            Json::String(s) => {
-                json::parse_time(s).map_err(|e| DecodeError(format!("time `{key}`: {e}")))
+            .ok_or_else(|| out_of_range(&u)),
+            Item::F64(f) => unit
+                .to_ns(f)
+                .ok_or_else(|| match serde_json::Number::from_f64(f) {
+                    Some(n) => out_of_range(&n),
+                    None => out_of_range(&f),
+                }),
+            Item::Str(s) => {
+                json::parse_time(&s).map_err(|e| DecodeError(format!("time `{key}`: {e}")))
             }
             other => Err(DecodeError(format!(
                 "time `{key}` must be a number or an RFC 3339 string, found {}",
-                json_kind(other)
+                json_kind(&other.into_json())
             ))),
         }
     }
@@ -497,12 +563,14 @@ impl<'de> serde::de::Visitor<'de> for ObjectVisitor<'_> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut pos = 0;
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            let value: Json = map.next_value()?;
-            if let Err(e) = self.decoder.json_entry(self.record, &key, &value) {
+            let item = map.next_value_seed(ItemSeed)?;
+            if let Err(e) = self.decoder.json_entry(self.record, pos, &key, item) {
                 *self.failure = Some(e);
                 return Err(serde::de::Error::custom("invalid entry"));
             }
+            pos += 1;
         }
         Ok(())
     }
@@ -532,6 +600,100 @@ impl<'de> serde::de::Visitor<'de> for KeySeed {
 
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
         Ok(std::borrow::Cow::Owned(v.to_string()))
+    }
+}
+
+/// A top-level JSON value as the `json` codec needs it: scalars are read straight from the
+/// input (a string without escapes is borrowed), so only nested values build a
+/// `serde_json::Value`.
+enum Item<'de> {
+    Null,
+    Bool(bool),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Str(std::borrow::Cow<'de, str>),
+    /// An object (flattened into fields) or an array (kept as its JSON text).
+    Nested(Json),
+}
+
+impl Item<'_> {
+    /// The value as `serde_json` would have parsed it (for error messages and odd tag types).
+    fn into_json(self) -> Json {
+        match self {
+            Item::Null => Json::Null,
+            Item::Bool(b) => Json::Bool(b),
+            Item::I64(i) => Json::from(i),
+            Item::U64(u) => Json::from(u),
+            // Parsed JSON numbers are finite.
+            Item::F64(f) => serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number),
+            Item::Str(s) => Json::String(s.into_owned()),
+            Item::Nested(v) => v,
+        }
+    }
+}
+
+struct ItemSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for ItemSeed {
+    type Value = Item<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(ItemSeed)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ItemSeed {
+    type Value = Item<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Item::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Item::Null)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Item::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Item::I64(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Item::U64(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Item::F64(v))
+    }
+
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Item::Str(std::borrow::Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Item::Str(std::borrow::Cow::Owned(v.to_string())))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Item::Str(std::borrow::Cow::Owned(v)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        serde::Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+            .map(Item::Nested)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            .map(Item::Nested)
     }
 }
 
@@ -603,6 +765,122 @@ mod tests {
             )
             .expect_err("bad time");
         assert!(err.0.contains("time `ts`"), "{err}");
+    }
+
+    /// The `json` codec as it was defined on a parsed `serde_json::Value` (top-level entries in
+    /// order, tags as strings, nested objects flattened, arrays as JSON text, the last of a
+    /// repeated key wins): the streaming decoder must give the same record.
+    type Tags = Vec<(String, String)>;
+    type Fields = Vec<(String, Value)>;
+
+    fn reference(payload: &[u8], tags: &[&str]) -> (Tags, Fields) {
+        fn flatten(key: &str, v: &Json, out: &mut Fields) {
+            match v {
+                Json::Object(m) => m
+                    .iter()
+                    .for_each(|(k, v)| flatten(&format!("{key}.{k}"), v, out)),
+                _ => {
+                    let value = json_scalar(v).unwrap_or_else(|| Value::Str(v.to_string().into()));
+                    match out.iter_mut().find(|(k, _)| k == key) {
+                        Some(slot) => slot.1 = value,
+                        None => out.push((key.to_string(), value)),
+                    }
+                }
+            }
+        }
+        let Ok(Json::Object(map)) = serde_json::from_slice::<Json>(payload) else {
+            panic!("reference payloads are objects");
+        };
+        let (mut t, mut f) = (Vec::new(), Vec::new());
+        for (k, v) in &map {
+            if k == "ts" {
+                continue;
+            }
+            if tags.contains(&k.as_str()) {
+                match v {
+                    Json::Null => {}
+                    Json::String(s) => t.push((k.clone(), s.clone())),
+                    other => t.push((k.clone(), other.to_string())),
+                }
+            } else {
+                flatten(k, v, &mut f);
+            }
+        }
+        (t, f)
+    }
+
+    #[test]
+    fn streaming_json_matches_the_value_definition() {
+        let tags = ["site", "n", "flag"];
+        let mut d = decoder(|c| c.tags = tags.iter().map(|t| t.to_string()).collect());
+        let payloads: &[&[u8]] = &[
+            br#"{"ts":1,"temp":21.5,"site":"a","status":"online","seq":3}"#,
+            br#"{"ts":2,"temp":21.25,"site":"b","status":"offline","seq":4}"#,
+            br#"{"seq":5,"temp":-0.0,"site":"c\u00e9\n","ts":3}"#,
+            br#"{"big":18446744073709551615,"neg":-9223372036854775808,"i":9223372036854775807}"#,
+            br#"{"n":1.5e3,"flag":true,"site":null,"x":null,"e":"esc\"aped"}"#,
+            br#"{"gps":{"lat":1.5,"lon":{"deg":2}},"arr":[1,"two",{"three":3.0}],"gps.lat":7}"#,
+            br#"{"f":92.27798059999999,"g":2.2250738585072014e-308,"h":1e300,"k":0.3}"#,
+            br#"{"a":1,"a":"again","site":"x","site":"y","empty":{},"list":[]}"#,
+            br#"{}"#,
+        ];
+        for p in payloads {
+            let r = d
+                .decode(Bytes::from_static(p), None, 0, Meta::default())
+                .expect("decodes");
+            let (t, f) = reference(p, &tags);
+            let got_t: Tags = r
+                .tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let got_f: Fields = r
+                .fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            let text = String::from_utf8_lossy(p);
+            assert_eq!(got_t, t, "tags of {text}");
+            assert_eq!(got_f.len(), f.len(), "fields of {text}: {got_f:?}");
+            for ((gk, gv), (k, v)) in got_f.iter().zip(&f) {
+                assert_eq!(gk, k, "{text}");
+                match (gv, v) {
+                    (Value::F64(a), Value::F64(b)) => {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{text}")
+                    }
+                    _ => assert_eq!(gv, v, "{text}"),
+                }
+            }
+        }
+        let err = d
+            .decode(
+                Bytes::from_static(br#"{"site":{"a":1}}"#),
+                None,
+                0,
+                Meta::default(),
+            )
+            .expect_err("object tag");
+        assert_eq!(err.0, "tag `site` must be a scalar");
+        let err = d
+            .decode(
+                Bytes::from_static(br#"{"ts":1e30}"#),
+                None,
+                0,
+                Meta::default(),
+            )
+            .expect_err("time out of range");
+        // As `serde_json::Number` prints it (the message of a parsed `Value`).
+        let n = serde_json::Number::from_f64(1e30).expect("finite");
+        assert_eq!(err.0, format!("time `ts` = {n} is out of range"));
+        let err = d
+            .decode(
+                Bytes::from_static(br#"{"ts":[1]}"#),
+                None,
+                0,
+                Meta::default(),
+            )
+            .expect_err("array time");
+        assert!(err.0.ends_with("found an array"), "{err}");
     }
 
     #[test]
