@@ -148,7 +148,7 @@ pub struct Decoder {
     names: HashMap<Box<str>, Name>,
     /// The top-level keys of the last JSON payload, by position: telemetry repeats its keys
     /// in the same order, so most lookups are one string comparison instead of a hash.
-    recent: Vec<Name>,
+    recent: Vec<Option<Name>>,
     /// Tags and fields of the last record: the next one reserves as many (one allocation each).
     tags_hint: usize,
     fields_hint: usize,
@@ -198,16 +198,18 @@ impl Decoder {
     /// [`Decoder::name`] of the `pos`-th top-level key, checked first against the key seen at
     /// that position in the last payload.
     fn name_at(&mut self, pos: usize, key: &str) -> Name {
-        if let Some(n) = self.recent.get(pos) {
+        if let Some(Some(n)) = self.recent.get(pos) {
             if **n == *key {
                 return n.clone();
             }
         }
         let n = self.name(key);
-        if pos < self.recent.len() {
-            self.recent[pos] = n.clone();
-        } else if pos == self.recent.len() && pos < 64 {
-            self.recent.push(n.clone());
+        if pos < 64 {
+            // Positions of the time key and of skipped keys stay empty.
+            if pos >= self.recent.len() {
+                self.recent.resize(pos + 1, None);
+            }
+            self.recent[pos] = Some(n.clone());
         }
         n
     }
@@ -219,7 +221,20 @@ impl Decoder {
         payload: Bytes,
         topic: Option<&str>,
         received: i64,
-        meta: Meta,
+        mut meta: Meta,
+    ) -> Result<Record, DecodeError> {
+        self.decode_ref(&payload, topic, received, &mut meta)
+    }
+
+    /// [`Decoder::decode`] without taking the payload and metadata: on success the record
+    /// takes `meta`'s source and origin; on error both are left whole for the dead letter
+    /// (so the hot path clones neither).
+    fn decode_ref(
+        &mut self,
+        payload: &Bytes,
+        topic: Option<&str>,
+        received: i64,
+        meta: &mut Meta,
     ) -> Result<Record, DecodeError> {
         if payload.len() as u64 > self.config.max_payload.0 {
             return Err(DecodeError(format!(
@@ -230,16 +245,16 @@ impl Decoder {
         }
         let mut record = match self.config.codec {
             Codec::Raw => Record::new(received),
-            Codec::Record => json::from_json(&payload).map_err(DecodeError)?,
+            Codec::Record => json::from_json(payload).map_err(DecodeError)?,
             Codec::LineProtocol => {
-                let text = std::str::from_utf8(&payload)
+                let text = std::str::from_utf8(payload)
                     .map_err(|e| DecodeError(format!("line protocol is not UTF-8: {e}")))?;
                 self.decode_line(text.trim_end(), received)?
             }
-            Codec::Json => self.decode_json(&payload, received)?,
+            Codec::Json => self.decode_json(payload, received)?,
         };
         if self.config.keep_payload || self.config.codec == Codec::Raw {
-            record.payload = Some(payload);
+            record.payload = Some(payload.clone());
         }
         if let (Some(pattern), Some(topic)) = (&self.topic, topic) {
             // Straight into the record: on a mismatch the record is dropped anyway.
@@ -261,10 +276,10 @@ impl Decoder {
         self.tags_hint = record.tags.len();
         self.fields_hint = record.fields.len();
         if record.meta.source.is_none() {
-            record.meta.source = meta.source;
+            record.meta.source = meta.source.take();
         }
         if record.meta.origin == Default::default() {
-            record.meta.origin = meta.origin;
+            record.meta.origin = std::mem::take(&mut meta.origin);
         }
         Ok(record)
     }
@@ -506,9 +521,9 @@ impl Decoded {
         payload: Bytes,
         topic: Option<&str>,
         received: i64,
-        meta: Meta,
+        mut meta: Meta,
     ) {
-        match decoder.decode(payload.clone(), topic, received, meta.clone()) {
+        match decoder.decode_ref(&payload, topic, received, &mut meta) {
             Ok(r) => self.records.push(r),
             Err(e) => self
                 .dead
@@ -881,6 +896,45 @@ mod tests {
             )
             .expect_err("array time");
         assert!(err.0.ends_with("found an array"), "{err}");
+    }
+
+    /// The hot path no longer clones the payload and metadata per record: a dead letter must
+    /// still get both whole, and a good record the source's metadata.
+    #[test]
+    fn dead_letters_keep_payload_and_metadata() {
+        let mut d = decoder(|c| c.topic_pattern = Some("devices/{id}/data".into()));
+        let meta = Meta {
+            source: Some(intern("src")),
+            origin: crate::record::Origin::Mqtt {
+                topic: Arc::from("devices/a/data"),
+            },
+            error: None,
+        };
+        let mut out = Decoded::default();
+        for (payload, topic) in [
+            (&b"{\"a\":1}"[..], "devices/a/data"),
+            (&b"{\"a\":"[..], "devices/a/data"),
+            (&b"{\"a\":2}"[..], "elsewhere"),
+        ] {
+            out.push(
+                &mut d,
+                Bytes::from_static(payload),
+                Some(topic),
+                9,
+                meta.clone(),
+            );
+        }
+        assert_eq!(out.records.len(), 1);
+        assert_eq!(out.records[0].meta, meta);
+        assert!(out.records[0].payload.is_none());
+        assert_eq!(out.dead.len(), 2);
+        for (dead, payload) in out.dead.iter().zip([&b"{\"a\":"[..], &b"{\"a\":2}"[..]]) {
+            assert_eq!(dead.payload.as_deref(), Some(payload));
+            assert_eq!(dead.meta.source, meta.source);
+            assert_eq!(dead.meta.origin, meta.origin);
+            assert!(dead.meta.error.is_some());
+            assert_eq!(dead.time, 9);
+        }
     }
 
     #[test]
