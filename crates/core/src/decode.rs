@@ -18,7 +18,7 @@
 //! does not match the pattern produce a [`DecodeError`]; sources send those records (with the
 //! payload and the error text) to their `dead_letter` output.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -149,6 +149,11 @@ pub struct Decoder {
     /// The top-level keys of the last JSON payload, by position: telemetry repeats its keys
     /// in the same order, so most lookups are one string comparison instead of a hash.
     recent: Vec<Option<Name>>,
+    /// The last string value seen at each top-level position (a status that rarely changes
+    /// is then one shared allocation, not one per record).
+    recent_values: Vec<Option<Arc<str>>>,
+    /// Tag values seen lately (tags are series identifiers: few distinct values, repeated).
+    tag_values: HashSet<Arc<str>>,
     /// Tags and fields of the last record: the next one reserves as many (one allocation each).
     tags_hint: usize,
     fields_hint: usize,
@@ -168,6 +173,8 @@ impl Decoder {
             topic,
             names: HashMap::new(),
             recent: Vec::new(),
+            recent_values: Vec::new(),
+            tag_values: HashSet::new(),
             tags_hint: 0,
             fields_hint: 0,
         })
@@ -212,6 +219,23 @@ impl Decoder {
             self.recent[pos] = Some(n.clone());
         }
         n
+    }
+
+    /// The string value `s` at top-level position `pos`: the last one's allocation when equal.
+    fn value_at(&mut self, pos: usize, s: &str) -> Arc<str> {
+        if let Some(Some(v)) = self.recent_values.get(pos) {
+            if **v == *s {
+                return v.clone();
+            }
+        }
+        let v: Arc<str> = Arc::from(s);
+        if pos < 64 && s.len() <= MAX_SHARED_LEN {
+            if pos >= self.recent_values.len() {
+                self.recent_values.resize(pos + 1, None);
+            }
+            self.recent_values[pos] = Some(v.clone());
+        }
+        v
     }
 
     /// Decodes one payload. `received` (ns since epoch) is the event time when the payload
@@ -259,8 +283,9 @@ impl Decoder {
         if let (Some(pattern), Some(topic)) = (&self.topic, topic) {
             // Straight into the record: on a mismatch the record is dropped anyway.
             let tags = &mut record.tags;
+            let cache = &mut self.tag_values;
             let matched = pattern.captures(topic, |n, v| {
-                let v = Arc::<str>::from(v);
+                let v = shared_tag_value(cache, v);
                 match tags.iter_mut().find(|(k, _)| k == n) {
                     Some(slot) => slot.1 = v,
                     None => tags.push((n.clone(), v)),
@@ -374,7 +399,7 @@ impl Decoder {
             record.time = self.time(item)?;
         } else if self.config.tags.iter().any(|t| t == key) {
             let s: Arc<str> = match item {
-                Item::Str(s) => Arc::from(&*s),
+                Item::Str(s) => shared_tag_value(&mut self.tag_values, &s),
                 Item::Null => return Ok(()),
                 Item::Nested(_) => {
                     return Err(DecodeError(format!("tag `{key}` must be a scalar")))
@@ -401,7 +426,7 @@ impl Decoder {
                     Err(_) => Value::F64(u as f64),
                 },
                 Item::F64(f) => Value::F64(f),
-                Item::Str(s) => Value::Str(Arc::from(&*s)),
+                Item::Str(s) => Value::Str(self.value_at(pos, &s)),
             };
             if let Some(only) = &self.config.fields {
                 if !only.iter().any(|f| f == key) {
@@ -468,6 +493,29 @@ impl Decoder {
             ))),
         }
     }
+}
+
+/// Longest string value shared between records (longer ones are rarely repeated).
+const MAX_SHARED_LEN: usize = 64;
+
+/// Most tag values [`shared_tag_value`] remembers before it starts over.
+const MAX_TAG_VALUES: usize = 4096;
+
+/// The tag value `s`, sharing the allocation of an equal value seen lately. The set is
+/// bounded: when full it starts over, so a stream of ever new values costs a lookup each but
+/// never more memory.
+fn shared_tag_value(cache: &mut HashSet<Arc<str>>, s: &str) -> Arc<str> {
+    if let Some(v) = cache.get(s) {
+        return v.clone();
+    }
+    let v: Arc<str> = Arc::from(s);
+    if s.len() <= MAX_SHARED_LEN {
+        if cache.len() >= MAX_TAG_VALUES {
+            cache.clear();
+        }
+        cache.insert(v.clone());
+    }
+    v
 }
 
 /// Records decoded from a run of payloads, split into good ones and dead letters, ready to
@@ -935,6 +983,59 @@ mod tests {
             assert!(dead.meta.error.is_some());
             assert_eq!(dead.time, 9);
         }
+    }
+
+    /// Repeated tag values and unchanged string fields share one allocation; the tag value
+    /// set stays bounded under ever new values, which still decode correctly.
+    #[test]
+    fn repeated_strings_are_shared_and_the_cache_is_bounded() {
+        let mut d = decoder(|c| {
+            c.tags = vec!["site".into()];
+            c.topic_pattern = Some("devices/{device_id}/data".into());
+        });
+        let mut decode = |p: String, t: &str| {
+            d.decode(Bytes::from(p), Some(t), 0, Meta::default())
+                .expect("decodes")
+        };
+        let a = decode(
+            r#"{"site":"n1","status":"online"}"#.into(),
+            "devices/d1/data",
+        );
+        let b = decode(
+            r#"{"site":"n1","status":"online"}"#.into(),
+            "devices/d1/data",
+        );
+        let same_tag = |n: &str| {
+            let find = |r: &Record| {
+                r.tags
+                    .iter()
+                    .find(|(k, _)| &**k == n)
+                    .map(|(_, v)| v.clone())
+            };
+            Arc::ptr_eq(&find(&a).expect("tag"), &find(&b).expect("tag"))
+        };
+        assert!(same_tag("site") && same_tag("device_id"));
+        match (a.field("status"), b.field("status")) {
+            (Some(Value::Str(x)), Some(Value::Str(y))) => assert!(Arc::ptr_eq(x, y)),
+            other => panic!("status: {other:?}"),
+        }
+        for i in 0..3 * MAX_TAG_VALUES {
+            let r = decode(
+                format!(r#"{{"site":"s{i}","status":"st{i}"}}"#),
+                &format!("devices/d{i}/data"),
+            );
+            assert_eq!(r.tag("site"), Some(format!("s{i}").as_str()));
+            assert_eq!(r.tag("device_id"), Some(format!("d{i}").as_str()));
+            assert_eq!(
+                r.field("status"),
+                Some(&Value::Str(format!("st{i}").into()))
+            );
+        }
+        assert!(
+            d.tag_values.len() <= MAX_TAG_VALUES,
+            "{}",
+            d.tag_values.len()
+        );
     }
 
     #[test]
