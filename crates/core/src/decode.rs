@@ -18,7 +18,7 @@
 //! does not match the pattern produce a [`DecodeError`]; sources send those records (with the
 //! payload and the error text) to their `dead_letter` output.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -146,6 +146,17 @@ pub struct Decoder {
     config: DecodeConfig,
     topic: Option<TopicPattern>,
     names: HashMap<Box<str>, Name>,
+    /// The top-level keys of the last JSON payload, by position: telemetry repeats its keys
+    /// in the same order, so most lookups are one string comparison instead of a hash.
+    recent: Vec<Option<Name>>,
+    /// The last string value seen at each top-level position (a status that rarely changes
+    /// is then one shared allocation, not one per record).
+    recent_values: Vec<Option<Arc<str>>>,
+    /// Tag values seen lately (tags are series identifiers: few distinct values, repeated).
+    tag_values: HashSet<Arc<str>>,
+    /// Tags and fields of the last record: the next one reserves as many (one allocation each).
+    tags_hint: usize,
+    fields_hint: usize,
 }
 
 impl Decoder {
@@ -161,6 +172,11 @@ impl Decoder {
             config,
             topic,
             names: HashMap::new(),
+            recent: Vec::new(),
+            recent_values: Vec::new(),
+            tag_values: HashSet::new(),
+            tags_hint: 0,
+            fields_hint: 0,
         })
     }
 
@@ -186,6 +202,42 @@ impl Decoder {
         n
     }
 
+    /// [`Decoder::name`] of the `pos`-th top-level key, checked first against the key seen at
+    /// that position in the last payload.
+    fn name_at(&mut self, pos: usize, key: &str) -> Name {
+        if let Some(Some(n)) = self.recent.get(pos) {
+            if **n == *key {
+                return n.clone();
+            }
+        }
+        let n = self.name(key);
+        if pos < 64 {
+            // Positions of the time key and of skipped keys stay empty.
+            if pos >= self.recent.len() {
+                self.recent.resize(pos + 1, None);
+            }
+            self.recent[pos] = Some(n.clone());
+        }
+        n
+    }
+
+    /// The string value `s` at top-level position `pos`: the last one's allocation when equal.
+    fn value_at(&mut self, pos: usize, s: &str) -> Arc<str> {
+        if let Some(Some(v)) = self.recent_values.get(pos) {
+            if **v == *s {
+                return v.clone();
+            }
+        }
+        let v: Arc<str> = Arc::from(s);
+        if pos < 64 && s.len() <= MAX_SHARED_LEN {
+            if pos >= self.recent_values.len() {
+                self.recent_values.resize(pos + 1, None);
+            }
+            self.recent_values[pos] = Some(v.clone());
+        }
+        v
+    }
+
     /// Decodes one payload. `received` (ns since epoch) is the event time when the payload
     /// has none. On error the record to dead-letter is built with [`Decoder::dead_letter`].
     pub fn decode(
@@ -193,7 +245,20 @@ impl Decoder {
         payload: Bytes,
         topic: Option<&str>,
         received: i64,
-        meta: Meta,
+        mut meta: Meta,
+    ) -> Result<Record, DecodeError> {
+        self.decode_ref(&payload, topic, received, &mut meta)
+    }
+
+    /// [`Decoder::decode`] without taking the payload and metadata: on success the record
+    /// takes `meta`'s source and origin; on error both are left whole for the dead letter
+    /// (so the hot path clones neither).
+    fn decode_ref(
+        &mut self,
+        payload: &Bytes,
+        topic: Option<&str>,
+        received: i64,
+        meta: &mut Meta,
     ) -> Result<Record, DecodeError> {
         if payload.len() as u64 > self.config.max_payload.0 {
             return Err(DecodeError(format!(
@@ -204,37 +269,42 @@ impl Decoder {
         }
         let mut record = match self.config.codec {
             Codec::Raw => Record::new(received),
-            Codec::Record => json::from_json(&payload).map_err(DecodeError)?,
+            Codec::Record => json::from_json(payload).map_err(DecodeError)?,
             Codec::LineProtocol => {
-                let text = std::str::from_utf8(&payload)
+                let text = std::str::from_utf8(payload)
                     .map_err(|e| DecodeError(format!("line protocol is not UTF-8: {e}")))?;
                 self.decode_line(text.trim_end(), received)?
             }
-            Codec::Json => self.decode_json(&payload, received)?,
+            Codec::Json => self.decode_json(payload, received)?,
         };
         if self.config.keep_payload || self.config.codec == Codec::Raw {
-            record.payload = Some(payload);
+            record.payload = Some(payload.clone());
         }
         if let (Some(pattern), Some(topic)) = (&self.topic, topic) {
-            let mut tags = Vec::new();
-            if !pattern.captures(topic, |n, v| tags.push((n.clone(), Arc::<str>::from(v)))) {
+            // Straight into the record: on a mismatch the record is dropped anyway.
+            let tags = &mut record.tags;
+            let cache = &mut self.tag_values;
+            let matched = pattern.captures(topic, |n, v| {
+                let v = shared_tag_value(cache, v);
+                match tags.iter_mut().find(|(k, _)| k == n) {
+                    Some(slot) => slot.1 = v,
+                    None => tags.push((n.clone(), v)),
+                }
+            });
+            if !matched {
                 return Err(DecodeError(format!(
                     "topic {topic:?} does not match topic_pattern {:?}",
                     pattern.as_str()
                 )));
             }
-            for (n, v) in tags {
-                match record.tags.iter_mut().find(|(k, _)| *k == n) {
-                    Some(slot) => slot.1 = v,
-                    None => record.tags.push((n, v)),
-                }
-            }
         }
+        self.tags_hint = record.tags.len();
+        self.fields_hint = record.fields.len();
         if record.meta.source.is_none() {
-            record.meta.source = meta.source;
+            record.meta.source = meta.source.take();
         }
         if record.meta.origin == Default::default() {
-            record.meta.origin = meta.origin;
+            record.meta.origin = std::mem::take(&mut meta.origin);
         }
         Ok(record)
     }
@@ -290,6 +360,9 @@ impl Decoder {
         // Streams the top-level object straight into the record: no intermediate map of
         // owned keys per message (the hot path of every JSON source).
         let mut record = Record::new(received);
+        // Room for the topic captures too, so they do not grow the vector again.
+        record.tags.reserve(self.tags_hint);
+        record.fields.reserve(self.fields_hint);
         let mut failure: Option<DecodeError> = None;
         let mut de = serde_json::Deserializer::from_slice(payload);
         let visitor = ObjectVisitor {
@@ -314,27 +387,57 @@ impl Decoder {
         Ok(record)
     }
 
-    /// One top-level key of a JSON object.
-    fn json_entry(&mut self, record: &mut Record, key: &str, v: &Json) -> Result<(), DecodeError> {
+    /// The `pos`-th top-level entry of a JSON object.
+    fn json_entry(
+        &mut self,
+        record: &mut Record,
+        pos: usize,
+        key: &str,
+        item: Item<'_>,
+    ) -> Result<(), DecodeError> {
         if key == self.config.time_key {
-            record.time = self.time(v)?;
+            record.time = self.time(item)?;
         } else if self.config.tags.iter().any(|t| t == key) {
-            let s: Arc<str> = match v {
-                Json::String(s) => Arc::from(s.as_str()),
-                Json::Null => return Ok(()),
-                Json::Object(_) | Json::Array(_) => {
+            let s: Arc<str> = match item {
+                Item::Str(s) => shared_tag_value(&mut self.tag_values, &s),
+                Item::Null => return Ok(()),
+                Item::Nested(_) => {
                     return Err(DecodeError(format!("tag `{key}` must be a scalar")))
                 }
-                other => Arc::from(other.to_string().as_str()),
+                other => Arc::from(other.into_json().to_string().as_str()),
             };
-            let n = self.name(key);
+            let n = self.name_at(pos, key);
             // A repeated key: the last value wins (as with a parsed map).
             match record.tags.iter_mut().find(|(k, _)| *k == n) {
                 Some(slot) => slot.1 = s,
                 None => record.tags.push((n, s)),
             }
         } else {
-            self.add_field(record, key, v);
+            let value = match item {
+                Item::Nested(v) => {
+                    self.add_field(record, key, &v);
+                    return Ok(());
+                }
+                Item::Null => Value::Null,
+                Item::Bool(b) => Value::Bool(b),
+                Item::I64(i) => Value::I64(i),
+                Item::U64(u) => match i64::try_from(u) {
+                    Ok(i) => Value::I64(i),
+                    Err(_) => Value::F64(u as f64),
+                },
+                Item::F64(f) => Value::F64(f),
+                Item::Str(s) => Value::Str(self.value_at(pos, &s)),
+            };
+            if let Some(only) = &self.config.fields {
+                if !only.iter().any(|f| f == key) {
+                    return Ok(());
+                }
+            }
+            let n = self.name_at(pos, key);
+            match record.fields.iter_mut().find(|(k, _)| *k == n) {
+                Some(slot) => slot.1 = value,
+                None => record.fields.push((n, value)),
+            }
         }
         Ok(())
     }
@@ -363,30 +466,56 @@ impl Decoder {
         }
     }
 
-    fn time(&self, v: &Json) -> Result<i64, DecodeError> {
+    fn time(&self, item: Item<'_>) -> Result<i64, DecodeError> {
         let key = &self.config.time_key;
-        match v {
-            Json::Number(n) => {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                let unit = self.config.time_unit;
-                match n.as_i64() {
-                    Some(i) => unit.int_to_ns(i),
-                    None => unit.to_ns(f),
-                }
-                .map_or_else(
-                    || Err(DecodeError(format!("time `{key}` = {n} is out of range"))),
-                    Ok,
-                )
+        let unit = self.config.time_unit;
+        let out_of_range =
+            |n: &dyn std::fmt::Display| DecodeError(format!("time `{key}` = {n} is out of range"));
+        match item {
+            Item::I64(i) => unit.int_to_ns(i).ok_or_else(|| out_of_range(&i)),
+            Item::U64(u) => match i64::try_from(u) {
+                Ok(i) => unit.int_to_ns(i),
+                Err(_) => unit.to_ns(u as f64),
             }
-            Json::String(s) => {
-                json::parse_time(s).map_err(|e| DecodeError(format!("time `{key}`: {e}")))
+            .ok_or_else(|| out_of_range(&u)),
+            Item::F64(f) => unit
+                .to_ns(f)
+                .ok_or_else(|| match serde_json::Number::from_f64(f) {
+                    Some(n) => out_of_range(&n),
+                    None => out_of_range(&f),
+                }),
+            Item::Str(s) => {
+                json::parse_time(&s).map_err(|e| DecodeError(format!("time `{key}`: {e}")))
             }
             other => Err(DecodeError(format!(
                 "time `{key}` must be a number or an RFC 3339 string, found {}",
-                json_kind(other)
+                json_kind(&other.into_json())
             ))),
         }
     }
+}
+
+/// Longest string value shared between records (longer ones are rarely repeated).
+const MAX_SHARED_LEN: usize = 64;
+
+/// Most tag values [`shared_tag_value`] remembers before it starts over.
+const MAX_TAG_VALUES: usize = 4096;
+
+/// The tag value `s`, sharing the allocation of an equal value seen lately. The set is
+/// bounded: when full it starts over, so a stream of ever new values costs a lookup each but
+/// never more memory.
+fn shared_tag_value(cache: &mut HashSet<Arc<str>>, s: &str) -> Arc<str> {
+    if let Some(v) = cache.get(s) {
+        return v.clone();
+    }
+    let v: Arc<str> = Arc::from(s);
+    if s.len() <= MAX_SHARED_LEN {
+        if cache.len() >= MAX_TAG_VALUES {
+            cache.clear();
+        }
+        cache.insert(v.clone());
+    }
+    v
 }
 
 /// Records decoded from a run of payloads, split into good ones and dead letters, ready to
@@ -440,9 +569,9 @@ impl Decoded {
         payload: Bytes,
         topic: Option<&str>,
         received: i64,
-        meta: Meta,
+        mut meta: Meta,
     ) {
-        match decoder.decode(payload.clone(), topic, received, meta.clone()) {
+        match decoder.decode_ref(&payload, topic, received, &mut meta) {
             Ok(r) => self.records.push(r),
             Err(e) => self
                 .dead
@@ -497,12 +626,14 @@ impl<'de> serde::de::Visitor<'de> for ObjectVisitor<'_> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut pos = 0;
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            let value: Json = map.next_value()?;
-            if let Err(e) = self.decoder.json_entry(self.record, &key, &value) {
+            let item = map.next_value_seed(ItemSeed)?;
+            if let Err(e) = self.decoder.json_entry(self.record, pos, &key, item) {
                 *self.failure = Some(e);
                 return Err(serde::de::Error::custom("invalid entry"));
             }
+            pos += 1;
         }
         Ok(())
     }
@@ -532,6 +663,100 @@ impl<'de> serde::de::Visitor<'de> for KeySeed {
 
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
         Ok(std::borrow::Cow::Owned(v.to_string()))
+    }
+}
+
+/// A top-level JSON value as the `json` codec needs it: scalars are read straight from the
+/// input (a string without escapes is borrowed), so only nested values build a
+/// `serde_json::Value`.
+enum Item<'de> {
+    Null,
+    Bool(bool),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Str(std::borrow::Cow<'de, str>),
+    /// An object (flattened into fields) or an array (kept as its JSON text).
+    Nested(Json),
+}
+
+impl Item<'_> {
+    /// The value as `serde_json` would have parsed it (for error messages and odd tag types).
+    fn into_json(self) -> Json {
+        match self {
+            Item::Null => Json::Null,
+            Item::Bool(b) => Json::Bool(b),
+            Item::I64(i) => Json::from(i),
+            Item::U64(u) => Json::from(u),
+            // Parsed JSON numbers are finite.
+            Item::F64(f) => serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number),
+            Item::Str(s) => Json::String(s.into_owned()),
+            Item::Nested(v) => v,
+        }
+    }
+}
+
+struct ItemSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for ItemSeed {
+    type Value = Item<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(ItemSeed)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ItemSeed {
+    type Value = Item<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Item::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Item::Null)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Item::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Item::I64(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Item::U64(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Item::F64(v))
+    }
+
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Item::Str(std::borrow::Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Item::Str(std::borrow::Cow::Owned(v.to_string())))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Item::Str(std::borrow::Cow::Owned(v)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        serde::Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+            .map(Item::Nested)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            .map(Item::Nested)
     }
 }
 
@@ -603,6 +828,214 @@ mod tests {
             )
             .expect_err("bad time");
         assert!(err.0.contains("time `ts`"), "{err}");
+    }
+
+    /// The `json` codec as it was defined on a parsed `serde_json::Value` (top-level entries in
+    /// order, tags as strings, nested objects flattened, arrays as JSON text, the last of a
+    /// repeated key wins): the streaming decoder must give the same record.
+    type Tags = Vec<(String, String)>;
+    type Fields = Vec<(String, Value)>;
+
+    fn reference(payload: &[u8], tags: &[&str]) -> (Tags, Fields) {
+        fn flatten(key: &str, v: &Json, out: &mut Fields) {
+            match v {
+                Json::Object(m) => m
+                    .iter()
+                    .for_each(|(k, v)| flatten(&format!("{key}.{k}"), v, out)),
+                _ => {
+                    let value = json_scalar(v).unwrap_or_else(|| Value::Str(v.to_string().into()));
+                    match out.iter_mut().find(|(k, _)| k == key) {
+                        Some(slot) => slot.1 = value,
+                        None => out.push((key.to_string(), value)),
+                    }
+                }
+            }
+        }
+        let Ok(Json::Object(map)) = serde_json::from_slice::<Json>(payload) else {
+            panic!("reference payloads are objects");
+        };
+        let (mut t, mut f) = (Vec::new(), Vec::new());
+        for (k, v) in &map {
+            if k == "ts" {
+                continue;
+            }
+            if tags.contains(&k.as_str()) {
+                match v {
+                    Json::Null => {}
+                    Json::String(s) => t.push((k.clone(), s.clone())),
+                    other => t.push((k.clone(), other.to_string())),
+                }
+            } else {
+                flatten(k, v, &mut f);
+            }
+        }
+        (t, f)
+    }
+
+    #[test]
+    fn streaming_json_matches_the_value_definition() {
+        let tags = ["site", "n", "flag"];
+        let mut d = decoder(|c| c.tags = tags.iter().map(|t| t.to_string()).collect());
+        let payloads: &[&[u8]] = &[
+            br#"{"ts":1,"temp":21.5,"site":"a","status":"online","seq":3}"#,
+            br#"{"ts":2,"temp":21.25,"site":"b","status":"offline","seq":4}"#,
+            br#"{"seq":5,"temp":-0.0,"site":"c\u00e9\n","ts":3}"#,
+            br#"{"big":18446744073709551615,"neg":-9223372036854775808,"i":9223372036854775807}"#,
+            br#"{"n":1.5e3,"flag":true,"site":null,"x":null,"e":"esc\"aped"}"#,
+            br#"{"gps":{"lat":1.5,"lon":{"deg":2}},"arr":[1,"two",{"three":3.0}],"gps.lat":7}"#,
+            br#"{"f":92.27798059999999,"g":2.2250738585072014e-308,"h":1e300,"k":0.3}"#,
+            br#"{"a":1,"a":"again","site":"x","site":"y","empty":{},"list":[]}"#,
+            br#"{}"#,
+        ];
+        for p in payloads {
+            let r = d
+                .decode(Bytes::from_static(p), None, 0, Meta::default())
+                .expect("decodes");
+            let (t, f) = reference(p, &tags);
+            let got_t: Tags = r
+                .tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let got_f: Fields = r
+                .fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            let text = String::from_utf8_lossy(p);
+            assert_eq!(got_t, t, "tags of {text}");
+            assert_eq!(got_f.len(), f.len(), "fields of {text}: {got_f:?}");
+            for ((gk, gv), (k, v)) in got_f.iter().zip(&f) {
+                assert_eq!(gk, k, "{text}");
+                match (gv, v) {
+                    (Value::F64(a), Value::F64(b)) => {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{text}")
+                    }
+                    _ => assert_eq!(gv, v, "{text}"),
+                }
+            }
+        }
+        let err = d
+            .decode(
+                Bytes::from_static(br#"{"site":{"a":1}}"#),
+                None,
+                0,
+                Meta::default(),
+            )
+            .expect_err("object tag");
+        assert_eq!(err.0, "tag `site` must be a scalar");
+        let err = d
+            .decode(
+                Bytes::from_static(br#"{"ts":1e30}"#),
+                None,
+                0,
+                Meta::default(),
+            )
+            .expect_err("time out of range");
+        // As `serde_json::Number` prints it (the message of a parsed `Value`).
+        let n = serde_json::Number::from_f64(1e30).expect("finite");
+        assert_eq!(err.0, format!("time `ts` = {n} is out of range"));
+        let err = d
+            .decode(
+                Bytes::from_static(br#"{"ts":[1]}"#),
+                None,
+                0,
+                Meta::default(),
+            )
+            .expect_err("array time");
+        assert!(err.0.ends_with("found an array"), "{err}");
+    }
+
+    /// The hot path no longer clones the payload and metadata per record: a dead letter must
+    /// still get both whole, and a good record the source's metadata.
+    #[test]
+    fn dead_letters_keep_payload_and_metadata() {
+        let mut d = decoder(|c| c.topic_pattern = Some("devices/{id}/data".into()));
+        let meta = Meta {
+            source: Some(intern("src")),
+            origin: crate::record::Origin::Mqtt {
+                topic: Arc::from("devices/a/data"),
+            },
+            error: None,
+        };
+        let mut out = Decoded::default();
+        for (payload, topic) in [
+            (&b"{\"a\":1}"[..], "devices/a/data"),
+            (&b"{\"a\":"[..], "devices/a/data"),
+            (&b"{\"a\":2}"[..], "elsewhere"),
+        ] {
+            out.push(
+                &mut d,
+                Bytes::from_static(payload),
+                Some(topic),
+                9,
+                meta.clone(),
+            );
+        }
+        assert_eq!(out.records.len(), 1);
+        assert_eq!(out.records[0].meta, meta);
+        assert!(out.records[0].payload.is_none());
+        assert_eq!(out.dead.len(), 2);
+        for (dead, payload) in out.dead.iter().zip([&b"{\"a\":"[..], &b"{\"a\":2}"[..]]) {
+            assert_eq!(dead.payload.as_deref(), Some(payload));
+            assert_eq!(dead.meta.source, meta.source);
+            assert_eq!(dead.meta.origin, meta.origin);
+            assert!(dead.meta.error.is_some());
+            assert_eq!(dead.time, 9);
+        }
+    }
+
+    /// Repeated tag values and unchanged string fields share one allocation; the tag value
+    /// set stays bounded under ever new values, which still decode correctly.
+    #[test]
+    fn repeated_strings_are_shared_and_the_cache_is_bounded() {
+        let mut d = decoder(|c| {
+            c.tags = vec!["site".into()];
+            c.topic_pattern = Some("devices/{device_id}/data".into());
+        });
+        let mut decode = |p: String, t: &str| {
+            d.decode(Bytes::from(p), Some(t), 0, Meta::default())
+                .expect("decodes")
+        };
+        let a = decode(
+            r#"{"site":"n1","status":"online"}"#.into(),
+            "devices/d1/data",
+        );
+        let b = decode(
+            r#"{"site":"n1","status":"online"}"#.into(),
+            "devices/d1/data",
+        );
+        let same_tag = |n: &str| {
+            let find = |r: &Record| {
+                r.tags
+                    .iter()
+                    .find(|(k, _)| &**k == n)
+                    .map(|(_, v)| v.clone())
+            };
+            Arc::ptr_eq(&find(&a).expect("tag"), &find(&b).expect("tag"))
+        };
+        assert!(same_tag("site") && same_tag("device_id"));
+        match (a.field("status"), b.field("status")) {
+            (Some(Value::Str(x)), Some(Value::Str(y))) => assert!(Arc::ptr_eq(x, y)),
+            other => panic!("status: {other:?}"),
+        }
+        for i in 0..3 * MAX_TAG_VALUES {
+            let r = decode(
+                format!(r#"{{"site":"s{i}","status":"st{i}"}}"#),
+                &format!("devices/d{i}/data"),
+            );
+            assert_eq!(r.tag("site"), Some(format!("s{i}").as_str()));
+            assert_eq!(r.tag("device_id"), Some(format!("d{i}").as_str()));
+            assert_eq!(
+                r.field("status"),
+                Some(&Value::Str(format!("st{i}").into()))
+            );
+        }
+        assert!(
+            d.tag_values.len() <= MAX_TAG_VALUES,
+            "{}",
+            d.tag_values.len()
+        );
     }
 
     #[test]
