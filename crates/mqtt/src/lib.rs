@@ -681,6 +681,17 @@ impl EventLoop {
         }
     }
 
+    /// Events read before the connection failed and not yet returned by `poll`: a PUBACK that
+    /// arrived in the same socket read as the close (mosquitto 2.0 closes a v5 connection right
+    /// after refusing a publish with a PUBACK reason). A poller takes them after an error, so
+    /// that the confirmations are not lost with the connection.
+    pub fn take_buffered_events(&mut self) -> Vec<Event> {
+        match self {
+            EventLoop::V4(el) => el.state.events.drain(..).map(from_v4).collect(),
+            EventLoop::V5(el) => el.state.events.drain(..).map(from_v5).collect(),
+        }
+    }
+
     /// Whether events read by the last poll are still buffered (the next poll returns at once,
     /// without I/O). Lets a poller hand over a whole read's worth of messages at a time.
     pub fn has_buffered_events(&self) -> bool {

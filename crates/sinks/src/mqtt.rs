@@ -480,6 +480,21 @@ impl Poller {
                             )));
                             return;
                         }
+                        // Confirmations read together with the close are still valid (a
+                        // refused publish must not be sent again on the next connection).
+                        for ev in el.take_buffered_events() {
+                            match ev {
+                                Event::PubAck { pkid, refused } if self.qos == QoS::AtLeastOnce => {
+                                    let _ = self.tx.send(Signal::Confirmed(pkid, refused));
+                                }
+                                Event::PubComp { pkid, refused }
+                                    if self.qos == QoS::ExactlyOnce =>
+                                {
+                                    let _ = self.tx.send(Signal::Confirmed(pkid, refused));
+                                }
+                                _ => {}
+                            }
+                        }
                         if up {
                             connected.store(0, Ordering::Relaxed);
                             tracing::warn!(sink = %self.name, broker = %self.connector.address(), error = %e, "mqtt disconnected; reconnecting");
