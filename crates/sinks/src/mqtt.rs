@@ -433,6 +433,20 @@ struct Poller {
 }
 
 impl Poller {
+    /// Passes a broker confirmation (PUBACK for QoS 1, PUBCOMP for QoS 2) to the sink task;
+    /// other events need nothing.
+    fn confirm(&self, ev: Event) {
+        match ev {
+            Event::PubAck { pkid, refused } if self.qos == QoS::AtLeastOnce => {
+                let _ = self.tx.send(Signal::Confirmed(pkid, refused));
+            }
+            Event::PubComp { pkid, refused } if self.qos == QoS::ExactlyOnce => {
+                let _ = self.tx.send(Signal::Confirmed(pkid, refused));
+            }
+            _ => {}
+        }
+    }
+
     /// One fresh client per connection: requests queued on a lost connection die with it, and
     /// the sink task re-sends what is unconfirmed on the next one.
     async fn run(self) {
@@ -463,14 +477,8 @@ impl Poller {
                     Ok(Event::PublishSent(pkid)) => {
                         let _ = self.tx.send(Signal::Sent(pkid));
                     }
-                    Ok(Event::PubAck { pkid, refused }) if self.qos == QoS::AtLeastOnce => {
-                        let _ = self.tx.send(Signal::Confirmed(pkid, refused));
-                    }
-                    Ok(Event::PubComp { pkid, refused }) if self.qos == QoS::ExactlyOnce => {
-                        let _ = self.tx.send(Signal::Confirmed(pkid, refused));
-                    }
                     Ok(Event::DisconnectSent) => return,
-                    Ok(_) => {}
+                    Ok(ev) => self.confirm(ev),
                     Err(e) => {
                         if !ever_connected && e.permanent {
                             let _ = self.tx.send(Signal::Fatal(format!(
@@ -483,17 +491,7 @@ impl Poller {
                         // Confirmations read together with the close are still valid (a
                         // refused publish must not be sent again on the next connection).
                         for ev in el.take_buffered_events() {
-                            match ev {
-                                Event::PubAck { pkid, refused } if self.qos == QoS::AtLeastOnce => {
-                                    let _ = self.tx.send(Signal::Confirmed(pkid, refused));
-                                }
-                                Event::PubComp { pkid, refused }
-                                    if self.qos == QoS::ExactlyOnce =>
-                                {
-                                    let _ = self.tx.send(Signal::Confirmed(pkid, refused));
-                                }
-                                _ => {}
-                            }
+                            self.confirm(ev);
                         }
                         if up {
                             connected.store(0, Ordering::Relaxed);
